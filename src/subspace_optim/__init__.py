@@ -1,0 +1,22 @@
+"""subspace_optim: memory-efficient low-rank optimizers for PyTorch.
+
+Swap ``torch.optim.AdamW`` for :class:`SubspaceAdamW` (or ``galore_torch.GaLoreAdamW`` for
+:class:`GaLoreAdamW`) and switch projection on per param group with the key ``rank``.
+"""
+
+from .memory import optimizer_state_bytes
+from .optim import GaLoreAdamW, SubspaceAdamW, SubspaceOptimizer
+from .projectors import Projector, get_projector, register_projector, registered_projectors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaLoreAdamW",
+    "Projector",
+    "SubspaceAdamW",
+    "SubspaceOptimizer",
+    "get_projector",
+    "optimizer_state_bytes",
+    "register_projector",
+    "registered_projectors",
+]

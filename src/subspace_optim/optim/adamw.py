@@ -1,0 +1,133 @@
+"""AdamW with subspace projection: ``SubspaceAdamW`` and the drop-in ``GaLoreAdamW``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from ..rules.adamw import CONVENTIONS, MOMENTS, NONNEGATIVE_MOMENTS, adamw_update
+from .base import SubspaceOptimizer, _is_number
+
+
+class SubspaceAdamW(SubspaceOptimizer):
+    r"""AdamW whose projected param groups run Adam in a low-rank subspace of the gradient.
+
+    A group without ``rank`` is updated exactly as by ``torch.optim.AdamW`` (decoupled
+    weight decay). A group with ``rank`` projects each matrix parameter (more than 2-D:
+    viewed as ``shape[0] x rest``; 1-D: full-rank update)::
+
+        if step % update_proj_gap == 0:  basis <- projector.refresh(G)
+        R = project(G);  m, v <- Adam moments of R
+        W <- W - lr * scale * project_back(m_hat / (sqrt(v_hat) + eps))
+
+    Args:
+        params: parameters or param groups (galore-torch's group keys: ``rank``,
+            ``update_proj_gap``, ``scale``, ``proj_type``, and ``projector``).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``, with its defaults.
+        correct_bias: bias-correct the moments (transformers' flag; default True).
+        convention: ``"torch"`` (default) or ``"galore"``: where eps enters and whether
+            weight decay comes before or after the update (see ``rules.adamw``).
+        projector: the projector name used by groups that set ``rank`` but no
+            ``projector`` (default ``"galore"``).
+    """
+
+    moment_names = MOMENTS
+    nonnegative_moments = NONNEGATIVE_MOMENTS
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        correct_bias: bool = True,
+        convention: str = "torch",
+        projector: str = "galore",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+            "convention": convention,
+        }
+        super().__init__(params, defaults, projector=projector)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("correct_bias", True)
+            group.setdefault("convention", "torch")
+
+    def _validate_rule_group(self, group: dict) -> None:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (must be a pair of floats)")
+        for i, beta in enumerate(betas):
+            if not _is_number(beta) or not 0.0 <= beta < 1.0:
+                raise ValueError(
+                    f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))"
+                )
+        eps = group["eps"]
+        if not _is_number(eps) or not eps >= 0:
+            raise ValueError(f"Invalid epsilon value: {eps!r} (must be a float >= 0)")
+        if group["convention"] not in CONVENTIONS:
+            raise ValueError(
+                f"Invalid convention: {group['convention']!r} (expected one of {CONVENTIONS})"
+            )
+        if not isinstance(group["correct_bias"], bool):
+            raise ValueError(f"Invalid correct_bias: {group['correct_bias']!r} (must be a bool)")
+
+    def _rule_update(
+        self, grad: Tensor, state: dict, group: dict, step: int
+    ) -> tuple[Tensor, float]:
+        beta1, beta2 = group["betas"]
+        return adamw_update(
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            step,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            correct_bias=group["correct_bias"],
+            convention=group["convention"],
+        )
+
+
+class GaLoreAdamW(SubspaceAdamW):
+    """Drop-in for ``galore_torch.GaLoreAdamW``: same defaults (lr 1e-3, betas (0.9, 0.999),
+    eps 1e-6, weight_decay 0, bias correction on) and the same update in every group,
+    including galore-torch's eps placement and weight decay after the update
+    (``convention="galore"``). ``no_deprecation_warning`` is accepted for call-site
+    compatibility and ignored: nothing here is deprecated.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
+        *,
+        convention: str = "galore",
+        projector: str = "galore",
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            convention=convention,
+            projector=projector,
+        )

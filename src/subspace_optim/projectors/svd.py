@@ -1,0 +1,81 @@
+"""GaLore's projector: the top singular vectors of the current gradient.
+
+Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+ICML 2024, https://arxiv.org/abs/2403.03507; reference code jiaweizzhao/GaLore.
+
+At steps 0, T, 2T, ... (T = ``update_proj_gap``) the gradient's SVD is taken in fp32
+whatever the parameter's dtype (there is no bf16 SVD on CUDA, pytorch#98308), truncated to
+``rank`` and stored, like the reference, in the gradient's dtype: ``Vh[:r]`` (``r x n``) on
+the right side, ``U[:, :r]`` (``m x r``) on the left. The moments are kept across refreshes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._warn import warn_once
+from .base import MatrixProjector, register_projector
+
+
+def top_singular_basis(grad: Tensor, rank: int, side: str) -> Tensor | None:
+    """Orthonormal basis of the top-``rank`` singular subspace of ``grad`` on ``side``.
+
+    Tries fp32, then fp64 (ill-conditioned gradients make LAPACK/cuSOLVER fail to converge,
+    GaLore issue #58). Returns ``None`` if both fail or give non-finite values, so the
+    caller can keep its previous basis instead of training on NaN.
+    """
+    for dtype in (torch.float32, torch.float64):
+        try:
+            u, _, vh = torch.linalg.svd(grad.to(dtype), full_matrices=False)
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            continue
+        basis = vh[:rank] if side == "right" else u[:, :rank]
+        if bool(torch.isfinite(basis).all()):
+            return basis
+    return None
+
+
+class SVDProjector(MatrixProjector):
+    """GaLore: SVD of the gradient every ``update_proj_gap`` steps; state ``proj_basis``."""
+
+    name = "galore"
+
+    def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
+        return "proj_basis" not in state or step % group["update_proj_gap"] == 0
+
+    def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> None:
+        rank = group["rank"]
+        basis = top_singular_basis(grad, rank, side)
+        if basis is None:
+            shape = tuple(grad.shape)
+            if "proj_basis" in state:
+                warn_once(
+                    "svd-keep",
+                    f"SVD of a {shape} gradient failed in fp32 and fp64 (non-finite or "
+                    "ill-conditioned gradient); keeping the previous projection basis. "
+                    "Shown once per process.",
+                )
+                return None
+            warn_once(
+                "svd-first",
+                f"SVD of a {shape} gradient failed in fp32 and fp64 before any basis "
+                "existed; using the first coordinate directions until the next refresh. "
+                "Shown once per process.",
+            )
+            basis = _coordinate_basis(grad, rank, side)
+        state["proj_basis"] = basis.to(grad.dtype)
+        return None
+
+    def basis(self, state: dict, side: str, grad: Tensor) -> Tensor:
+        return state["proj_basis"]
+
+
+def _coordinate_basis(grad: Tensor, rank: int, side: str) -> Tensor:
+    m, n = grad.shape
+    if side == "right":
+        return torch.eye(rank, n, device=grad.device)
+    return torch.eye(m, rank, device=grad.device)
+
+
+register_projector(SVDProjector())

@@ -1,0 +1,29 @@
+"""optimizer_state_bytes counts what is really held."""
+
+import torch
+
+from subspace_optim import GaLoreAdamW, SubspaceAdamW, optimizer_state_bytes
+
+
+def test_galore_state_bytes_match_the_analytic_figure():
+    """4096 x 1024 at rank 128, right side: moments 2 x (4096 x 128), basis 128 x 1024."""
+    w = torch.nn.Parameter(torch.zeros(4096, 1024))
+    opt = GaLoreAdamW([{"params": [w], "rank": 128}])
+    w.grad = torch.randn(4096, 1024)
+    opt.step()
+    fp32 = 4
+    expected = (2 * 4096 * 128 + 128 * 1024) * fp32
+    assert optimizer_state_bytes(opt) == expected == 4_718_592
+    full = SubspaceAdamW([torch.nn.Parameter(torch.zeros(4096, 1024))])
+    full.param_groups[0]["params"][0].grad = torch.randn(4096, 1024)
+    full.step()
+    assert optimizer_state_bytes(full) == 2 * 4096 * 1024 * fp32
+    assert optimizer_state_bytes(opt) / optimizer_state_bytes(full) < 0.15
+
+
+def test_state_bytes_follow_dtype():
+    w = torch.nn.Parameter(torch.zeros(64, 32, dtype=torch.bfloat16))
+    opt = GaLoreAdamW([{"params": [w], "rank": 8}])
+    w.grad = torch.randn(64, 32, dtype=torch.bfloat16)
+    opt.step()
+    assert optimizer_state_bytes(opt) == (2 * 64 * 8 + 8 * 32) * 2
