@@ -110,3 +110,263 @@ def gradient_stream(shape: tuple[int, ...], steps: int, seed: int) -> list[Tenso
         g = a @ b / math.sqrt(k) + 0.1 * torch.randn(m, n, generator=gen)
         out.append(g.reshape(shape))
     return out
+
+
+# --------------------------------------------------------------------------- shared pieces
+def _adam_torch(m, v, r, t, betas, eps):
+    """torch-style Adam moments and normalised step on a projected gradient r (returns
+    new m, v and the direction m_hat / (sqrt(v_hat) + eps))."""
+    beta1, beta2 = betas
+    m = beta1 * m + (1 - beta1) * r
+    v = beta2 * v + (1 - beta2) * r * r
+    n = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+    return m, v, n
+
+
+def _side(shape):
+    return "right" if shape[0] >= shape[1] else "left"
+
+
+def _project(p, g, side):
+    return g @ p.T if side == "right" else p.T @ g
+
+
+def _back(p, n, side):
+    return n @ p if side == "right" else p @ n
+
+
+# --------------------------------------------------------------------------- DCT
+def dct2_matrix(d: int) -> Tensor:
+    """Orthonormal DCT-II basis vectors as columns, element by element from the definition."""
+    q = torch.empty(d, d, dtype=torch.float64)
+    for j in range(d):
+        for k in range(d):
+            c = math.sqrt(1 / d) if k == 0 else math.sqrt(2 / d)
+            q[j, k] = c * math.cos(math.pi * k * (2 * j + 1) / (2 * d))
+    return q.float()
+
+
+def dct_adamw_reference(w0, grads, *, rank, gap, lr, betas, eps, weight_decay, rotate):
+    """DCT-AdamW (Modoranu et al. 2025): at a refresh score the DCT-II columns by the l1 norm
+    of G Q (rows of Q^T G on the left), keep the top r; Adam (torch arithmetic) on the
+    projection; optional rotation of the moments by Q_old^T Q_new."""
+    side = _side(tuple(w0.shape))
+    d = min(w0.shape)
+    q = dct2_matrix(d)
+    w = w0.clone()
+    cols = m = v = None
+    for step, g in enumerate(grads):
+        if step % gap == 0:
+            s = g @ q if side == "right" else q.T @ g
+            scores = s.abs().sum(dim=0 if side == "right" else 1)
+            idx = sorted(torch.topk(scores, rank).indices.tolist())
+            new_cols = q[:, idx]
+            if rotate and cols is not None:
+                rot = cols.T @ new_cols  # r x r: Q_old^T Q_new
+                if side == "right":
+                    m, v = m @ rot, (v @ rot).abs()
+                else:
+                    m, v = rot.T @ m, (rot.T @ v).abs()
+            cols = new_cols
+        p = cols.T if side == "right" else cols  # r x n or m x r
+        r = _project(p, g, side)
+        if m is None:
+            m, v = torch.zeros_like(r), torch.zeros_like(r)
+        m, v, n = _adam_torch(m, v, r, step + 1, betas, eps)
+        w = w * (1 - lr * weight_decay) - lr * _back(p, n, side)
+    return w
+
+
+# --------------------------------------------------------------------------- OSD
+def osd_reference(w0, grads, *, rank, gap, scale, lr, eps, weight_decay):
+    """Online Subspace Descent as its reference code runs it: SVD basis at step 0; each later
+    step projects with P_t, back-projects, then takes one torch.optim.AdamW step (lr 1/T,
+    its default weight decay 0.01) on ||A P^T P - A||^2 (right) / ||P P^T A - A||^2 (left)
+    computed by autograd, A = G / ||G||. W's rule is galore-torch's AdamW."""
+    side = _side(tuple(w0.shape))
+    w = w0.clone()
+    p = p_opt = m = v = None
+    for step, g in enumerate(grads):
+        if p is None:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            p = (vh[:rank] if side == "right" else u[:, :rank]).clone().requires_grad_(False)
+            p_opt = torch.optim.AdamW([p], lr=1 / gap)
+            pca_grad = None
+        else:
+            with torch.enable_grad():
+                pv = p.detach().requires_grad_(True)
+                a = g / g.norm()
+                recon = a @ pv.T @ pv if side == "right" else pv @ pv.T @ a
+                loss = (recon - a).norm() ** 2
+                (pca_grad,) = torch.autograd.grad(loss, pv)
+        r = _project(p, g, side)
+        if m is None:
+            m, v = torch.zeros_like(r), torch.zeros_like(r)
+        m = 0.9 * m + 0.1 * r
+        v = 0.999 * v + 0.001 * r * r
+        t = step + 1
+        n = m / (v.sqrt() + eps) * (math.sqrt(1 - 0.999**t) / (1 - 0.9**t))
+        w = w - lr * scale * _back(p, n, side)
+        w = w - lr * weight_decay * w
+        if pca_grad is not None:
+            p.grad = pca_grad
+            p_opt.step()
+            p.grad = None
+    return w
+
+
+# --------------------------------------------------------------------------- Flora
+def flora_next_seed(seed: int) -> int:
+    """Flora's rule: the 15th int64 draw of a CPU generator seeded with the old seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, 2**63 - 1, (15,), generator=gen)[14])
+
+
+def flora_matrix(seed: int, shape, rank: int) -> Tensor:
+    """Flora's A: r x m for m < n (left seed), n x r otherwise (right seed), N(0, 1/r)."""
+    gen = torch.Generator().manual_seed(seed)
+    left_seed, right_seed = torch.randint(0, 2**63 - 1, (2,), generator=gen).tolist()
+    m, n = shape
+    if m < n:
+        shape, seed = (rank, m), left_seed
+    else:
+        shape, seed = (n, rank), right_seed
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) / math.sqrt(rank)
+
+
+def flora_maps(shape):
+    """Flora's compression and decompression with A: (A X, A^T Y) for m < n, else (X A, Y A^T)."""
+    if shape[0] < shape[1]:
+        return (lambda a, x: a @ x), (lambda a, y: a.T @ y)
+    return (lambda a, x: x @ a), (lambda a, y: y @ a.T)
+
+
+def flora_adamw_reference(w0, grads, *, rank, kappa, seed, lr, betas, eps, weight_decay):
+    """AdamW on Flora's compression down(G) (A G on the left, G A on the right) with
+    update up(N) (A^T N or N A^T). Every kappa steps the seed advances and both moments
+    move: m <- down_new(up_old(m)), v <- |down_new(up_old(v))|."""
+    shape = tuple(w0.shape)
+    down, up = flora_maps(shape)
+
+    w = w0.clone()
+    a = flora_matrix(seed, shape, rank)
+    m = v = None
+    for step, g in enumerate(grads):
+        if step > 0 and step % kappa == 0:
+            seed = flora_next_seed(seed)
+            a_new = flora_matrix(seed, shape, rank)
+            m = down(a_new, up(a, m))
+            v = down(a_new, up(a, v)).abs()
+            a = a_new
+        r = down(a, g)
+        if m is None:
+            m, v = torch.zeros_like(r), torch.zeros_like(r)
+        m, v, n = _adam_torch(m, v, r, step + 1, betas, eps)
+        w = w * (1 - lr * weight_decay) - lr * up(a, n)
+    return w
+
+
+def flora_adafactor_reference(w0, grads, *, rank, kappa, seed, lr, beta1, decay_rate, eps,
+                              clip_threshold, weight_decay):
+    """Flora (Algorithm in Hao et al. 2024, as flora-opt runs it) for one matrix: factored
+    Adafactor on the full gradient, momentum kept as down(M) in a seeded subspace."""
+    shape = tuple(w0.shape)
+    down, up = flora_maps(shape)
+    left = shape[0] < shape[1]
+
+    def rms(x):
+        return x.norm() / math.sqrt(x.numel())
+
+    w = w0.clone()
+    row = torch.zeros(shape[0])
+    col = torch.zeros(shape[1])
+    a = flora_matrix(seed, shape, rank)
+    mc = torch.zeros((rank, shape[1]) if left else (shape[0], rank))
+    for t, g in enumerate(grads, start=1):
+        lr_t = lr * max(eps[1], rms(w).item())
+        b2 = 1 - t**decay_rate
+        sq = g * g + eps[0]
+        row = b2 * row + (1 - b2) * sq.mean(dim=1)
+        col = b2 * col + (1 - b2) * sq.mean(dim=0)
+        v_hat = torch.outer(row, col) / row.mean()
+        u = g / v_hat.sqrt()
+        update = (1 - beta1) * u + beta1 * up(a, mc)
+        if t % kappa == 0:
+            seed = flora_next_seed(seed)
+            a_new = flora_matrix(seed, shape, rank)
+            mc = down(a_new, up(a, mc))
+            a = a_new
+        mc = beta1 * mc + (1 - beta1) * down(a, u)
+        update = update / max(1.0, rms(update).item() / clip_threshold)
+        w = w - weight_decay * lr_t * w - lr_t * update
+    return w
+
+
+# --------------------------------------------------------------------------- Grass
+def grass_topk_reference(w0, grads, *, rank, gap, scale, lr, betas, eps, weight_decay):
+    """Grass with top-r row selection (columns on the right side), unit scaling, Adam on the
+    selected rows, moments reset at every refresh, update scattered back into those rows."""
+    side = _side(tuple(w0.shape))
+    w = w0.clone()
+    idx = m = v = None
+    t = 0
+    for step, g in enumerate(grads):
+        gm = g if side == "left" else g.T  # rows to select are rows of gm
+        if step % gap == 0:
+            idx = sorted(torch.topk((gm * gm).sum(dim=1), rank).indices.tolist())
+            m = v = None
+            t = 0
+        r = gm[idx]
+        if m is None:
+            m, v = torch.zeros_like(r), torch.zeros_like(r)
+        t += 1
+        m, v, n = _adam_torch(m, v, r, step + 1, betas, eps)
+        update = torch.zeros_like(gm)
+        update[idx] = n
+        w = w * (1 - lr * weight_decay) - lr * scale * (update if side == "left" else update.T)
+    return w
+
+
+# --------------------------------------------------------------------------- Q-GaLore
+def int4_roundtrip(x: Tensor, group_size: int) -> Tensor:
+    """Group-wise asymmetric 4-bit quantise-dequantise with zero inside every group's range."""
+    flat = x.reshape(-1)
+    out = torch.empty_like(flat)
+    for start in range(0, flat.numel(), group_size):
+        grp = flat[start:start + group_size]
+        lo = min(grp.min().item(), 0.0)
+        hi = max(grp.max().item(), 0.0)
+        s = torch.tensor(max(hi - lo, 1e-5), dtype=torch.float32) / 15
+        z = torch.round(torch.tensor(-lo, dtype=torch.float32) / s).clamp(0, 15)
+        q = (torch.round(grp / s) + z).clamp(0, 15)
+        out[start:start + group_size] = (q - z) * s
+    return out.reshape(x.shape)
+
+
+def q_galore_reference(w0, grads, *, rank, gap, scale, lr, betas, eps, weight_decay,
+                       group_size=256, queue_size=5, cos_threshold=0.4, gamma=2):
+    """Q-GaLore: GaLore whose basis is used through an INT4 round trip, refreshed when
+    step % gap == 0 with a per-layer gap that doubles once the mean of the last 5 cosines
+    between consecutive first singular vectors reaches 0.4."""
+    side = _side(tuple(w0.shape))
+    w = w0.clone()
+    p = m = v = None
+    queue: list[float] = []
+    for step, g in enumerate(grads):
+        if p is None or step % gap == 0:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            new = vh[:rank] if side == "right" else u[:, :rank]
+            if p is not None:
+                old_first = p[0] if side == "right" else p[:, 0]
+                new_first = new[0] if side == "right" else new[:, 0]
+                cos = torch.nn.functional.cosine_similarity(old_first, new_first, dim=0).item()
+                queue = (queue + [cos])[-queue_size:]
+                if len(queue) == queue_size and sum(queue) / queue_size >= cos_threshold:
+                    gap = int(gap * gamma)
+            p = int4_roundtrip(new, group_size)
+        r = _project(p, g, side)
+        if m is None:
+            m, v = torch.zeros_like(r), torch.zeros_like(r)
+        m, v, n = _adam_torch(m, v, r, step + 1, betas, eps)
+        w = w * (1 - lr * weight_decay) - lr * scale * _back(p, n, side)
+    return w, gap

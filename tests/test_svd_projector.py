@@ -34,7 +34,7 @@ def gradients(draw):
 def _refreshed(g, rank, side):
     state = {}
     PROJ.refresh(state, g, side, {"rank": rank})
-    return PROJ.basis(state, side, g)
+    return PROJ.basis(state, side, g, {"rank": rank})
 
 
 @settings(max_examples=60, deadline=None)

@@ -5,13 +5,29 @@ Swap ``torch.optim.AdamW`` for :class:`SubspaceAdamW` (or ``galore_torch.GaLoreA
 """
 
 from .memory import optimizer_state_bytes
-from .optim import GaLoreAdamW, SubspaceAdamW, SubspaceOptimizer
+from .optim import (
+    DCTAdamW,
+    FloraAdafactor,
+    FloraAdamW,
+    GaLoreAdamW,
+    GrassAdamW,
+    OnlineSubspaceAdamW,
+    QGaLoreAdamW,
+    SubspaceAdamW,
+    SubspaceOptimizer,
+)
 from .projectors import Projector, get_projector, register_projector, registered_projectors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCTAdamW",
+    "FloraAdafactor",
+    "FloraAdamW",
     "GaLoreAdamW",
+    "GrassAdamW",
+    "OnlineSubspaceAdamW",
+    "QGaLoreAdamW",
     "Projector",
     "SubspaceAdamW",
     "SubspaceOptimizer",

@@ -2,5 +2,17 @@
 
 from .adamw import GaLoreAdamW, SubspaceAdamW
 from .base import SubspaceOptimizer
+from .flora_adafactor import FloraAdafactor
+from .methods import DCTAdamW, FloraAdamW, GrassAdamW, OnlineSubspaceAdamW, QGaLoreAdamW
 
-__all__ = ["GaLoreAdamW", "SubspaceAdamW", "SubspaceOptimizer"]
+__all__ = [
+    "DCTAdamW",
+    "FloraAdafactor",
+    "FloraAdamW",
+    "GaLoreAdamW",
+    "GrassAdamW",
+    "OnlineSubspaceAdamW",
+    "QGaLoreAdamW",
+    "SubspaceAdamW",
+    "SubspaceOptimizer",
+]

@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
+from .._validate import check_bool, check_choice, is_number
 from ..rules.adamw import CONVENTIONS, MOMENTS, NONNEGATIVE_MOMENTS, adamw_update
-from .base import SubspaceOptimizer, _is_number
+from .base import SubspaceOptimizer
 
 
 class SubspaceAdamW(SubspaceOptimizer):
@@ -30,11 +31,13 @@ class SubspaceAdamW(SubspaceOptimizer):
         convention: ``"torch"`` (default) or ``"galore"``: where eps enters and whether
             weight decay comes before or after the update (see ``rules.adamw``).
         projector: the projector name used by groups that set ``rank`` but no
-            ``projector`` (default ``"galore"``).
+            ``projector`` (default: the class's ``default_projector``, ``"galore"``).
     """
 
     moment_names = MOMENTS
     nonnegative_moments = NONNEGATIVE_MOMENTS
+    # Projector of groups that set ``rank`` but no ``projector``; named subclasses change it.
+    default_projector = "galore"
 
     def __init__(
         self,
@@ -46,7 +49,7 @@ class SubspaceAdamW(SubspaceOptimizer):
         *,
         correct_bias: bool = True,
         convention: str = "torch",
-        projector: str = "galore",
+        projector: str | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -56,7 +59,7 @@ class SubspaceAdamW(SubspaceOptimizer):
             "correct_bias": correct_bias,
             "convention": convention,
         }
-        super().__init__(params, defaults, projector=projector)
+        super().__init__(params, defaults, projector=projector or self.default_projector)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -69,19 +72,15 @@ class SubspaceAdamW(SubspaceOptimizer):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (must be a pair of floats)")
         for i, beta in enumerate(betas):
-            if not _is_number(beta) or not 0.0 <= beta < 1.0:
+            if not is_number(beta) or not 0.0 <= beta < 1.0:
                 raise ValueError(
                     f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))"
                 )
         eps = group["eps"]
-        if not _is_number(eps) or not eps >= 0:
+        if not is_number(eps) or not eps >= 0:
             raise ValueError(f"Invalid epsilon value: {eps!r} (must be a float >= 0)")
-        if group["convention"] not in CONVENTIONS:
-            raise ValueError(
-                f"Invalid convention: {group['convention']!r} (expected one of {CONVENTIONS})"
-            )
-        if not isinstance(group["correct_bias"], bool):
-            raise ValueError(f"Invalid correct_bias: {group['correct_bias']!r} (must be a bool)")
+        check_choice(group, "convention", CONVENTIONS)
+        check_bool(group, "correct_bias")
 
     def _rule_update(
         self, grad: Tensor, state: dict, group: dict, step: int
@@ -119,7 +118,7 @@ class GaLoreAdamW(SubspaceAdamW):
         no_deprecation_warning: bool = False,
         *,
         convention: str = "galore",
-        projector: str = "galore",
+        projector: str | None = None,
     ) -> None:
         super().__init__(
             params,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .._validate import is_int, is_number
 from ..projectors.base import (
     REPROJECT,
     RESET,
@@ -30,10 +31,6 @@ from ..projectors.base import (
 )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 class SubspaceOptimizer(Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose projected groups update in a subspace."""
 
@@ -41,6 +38,9 @@ class SubspaceOptimizer(Optimizer):
     # when carried into a new subspace (set by each rule's subclass).
     moment_names: tuple[str, ...] = ()
     nonnegative_moments: frozenset[str] = frozenset()
+    # Whether a rank larger than a matrix's smaller dimension is an error (it is, unless a
+    # method decides per parameter whether to project, as Flora's Adafactor does).
+    rank_must_fit: bool = True
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, projector: str) -> None:
         # Read by add_param_group, which Optimizer.__init__ calls for every group.
@@ -61,12 +61,15 @@ class SubspaceOptimizer(Optimizer):
             raise
 
     def _validate_common(self, group: dict) -> None:
-        lr = group["lr"]
-        if not _is_number(lr) or not lr >= 0:
-            raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
+        self._validate_lr(group)
         wd = group["weight_decay"]
-        if not _is_number(wd) or not wd >= 0:
+        if not is_number(wd) or not wd >= 0:
             raise ValueError(f"Invalid weight_decay value: {wd!r} (must be a float >= 0)")
+
+    def _validate_lr(self, group: dict) -> None:
+        lr = group["lr"]
+        if not is_number(lr) or not lr >= 0:
+            raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
 
     def _validate_rule_group(self, group: dict) -> None:
         raise NotImplementedError
@@ -77,11 +80,11 @@ class SubspaceOptimizer(Optimizer):
         for key, value in projector.group_defaults.items():
             group.setdefault(key, value)
         rank = group["rank"]
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if not is_int(rank) or rank < 1:
             raise ValueError(f"Invalid rank: {rank!r} (must be an integer >= 1)")
         projector.validate_group(group)
         for p in group["params"]:
-            if p.dim() < 2:
+            if p.dim() < 2 or not self.rank_must_fit:
                 continue
             m, n = matrix_shape(p.shape)
             if rank > min(m, n):
@@ -106,6 +109,17 @@ class SubspaceOptimizer(Optimizer):
 
     def _step_param(self, p: Tensor, grad: Tensor, group: dict) -> None:
         """Update one parameter from ``grad``; the unit that per-layer stepping will call."""
+        self._check_grad(p, grad)
+        state = self.state[p]
+        step = state.get("step", 0)
+        if "rank" in group and p.dim() >= 2:
+            self._step_projected(p, grad, group, state, step)
+        else:
+            direction, factor = self._rule(grad, state, group, step)
+            self._apply(p, group, factor, lambda alpha: p.add_(direction, alpha=alpha))
+        state["step"] = step + 1
+
+    def _check_grad(self, p: Tensor, grad: Tensor) -> None:
         if grad.is_sparse:
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients "
@@ -117,20 +131,15 @@ class SubspaceOptimizer(Optimizer):
                 f"(parameter of shape {tuple(p.shape)}, dtype {p.dtype}); "
                 "optimize torch.view_as_real(p) instead"
             )
-        state = self.state[p]
-        step = state.get("step", 0)
-        if "rank" in group and p.dim() >= 2:
-            self._step_projected(p, grad, group, state, step)
-        else:
-            direction, factor = self._rule(grad, state, group, step)
-            self._apply(p, group, factor, lambda alpha: p.add_(direction, alpha=alpha))
-        state["step"] = step + 1
 
     def _step_projected(self, p: Tensor, grad: Tensor, group: dict, state: dict, step: int) -> None:
         projector = get_projector(group["projector"])
         g = grad.reshape(matrix_shape(p.shape))
         side = resolve_side(g.shape, group["proj_type"])
-        basis, low = self._project(projector, state, g, side, group, step)
+        if "step" not in state:
+            projector.init_state(state, self._param_index(p), group)
+        refreshed = projector.needs_refresh(state, step, group)
+        basis, low = self._project(projector, state, g, side, group, refreshed)
         direction, factor = self._rule(low, state, group, step)
         target = p.view(g.shape) if p.is_contiguous() else p.contiguous().view(g.shape)
 
@@ -140,20 +149,25 @@ class SubspaceOptimizer(Optimizer):
         self._apply(target, group, factor * group["scale"], add_back)
         if target.data_ptr() != p.data_ptr():
             p.copy_(target.view_as(p))
-        projector.after_update(state, g, side, basis, group)
+        projector.after_update(state, g, side, basis, group, refreshed)
+
+    def _param_index(self, p: Tensor) -> int:
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        return next(i for i, q in enumerate(params, start=1) if q is p)
 
     def _project(
-        self, projector: Projector, state: dict, g: Tensor, side: str, group: dict, step: int
+        self, projector: Projector, state: dict, g: Tensor, side: str, group: dict,
+        refresh: bool,
     ) -> tuple[Any, Tensor]:
         low = None
-        if projector.needs_refresh(state, step, group):
+        if refresh:
             policy = projector.moment_policy(group)
             has_moments = all(name in state for name in self.moment_names)
             old_basis = None
             if policy == REPROJECT and has_moments:
-                old_basis = projector.basis(state, side, g)
+                old_basis = projector.basis(state, side, g, group)
             low = projector.refresh(state, g, side, group)
-            basis = projector.basis(state, side, g)
+            basis = projector.basis(state, side, g, group)
             if has_moments and policy == RESET:
                 for name in self.moment_names:
                     state[name].zero_()
@@ -164,7 +178,7 @@ class SubspaceOptimizer(Optimizer):
                         moved.abs_()
                     state[name] = moved.to(state[name].dtype)
         else:
-            basis = projector.basis(state, side, g)
+            basis = projector.basis(state, side, g, group)
         if low is None:
             low = projector.project(basis, g, side)
         return basis, low

@@ -1,6 +1,7 @@
 """Projectors: one file per method, each registered under its group-key name."""
 
-from . import svd as _svd  # noqa: F401  (registers "galore")
+# Importing each module registers its projector under its group-key name.
+from . import dct, flora, grass, online_pca, q_galore, svd  # noqa: F401
 from .base import (
     KEEP,
     MOMENT_POLICIES,
@@ -15,9 +16,22 @@ from .base import (
     registered_projectors,
     resolve_side,
 )
+from .dct import DCTProjector, dct2_makhoul, dct_basis
+from .flora import FloraProjector, flora_basis
+from .grass import GrassProjector
+from .online_pca import OnlinePCAProjector
+from .q_galore import QGaLoreProjector
 from .svd import SVDProjector, top_singular_basis
 
 __all__ = [
+    "DCTProjector",
+    "FloraProjector",
+    "GrassProjector",
+    "OnlinePCAProjector",
+    "QGaLoreProjector",
+    "dct2_makhoul",
+    "dct_basis",
+    "flora_basis",
     "KEEP",
     "MOMENT_POLICIES",
     "PROJ_TYPES",

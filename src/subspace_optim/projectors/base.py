@@ -8,15 +8,17 @@ optimizer, and everything it remembers about one parameter lives in that paramet
 The optimizer drives a projector through one step of a projected parameter like this
 (``G`` is the gradient viewed as an ``m x n`` matrix, ``side`` comes from :func:`resolve_side`)::
 
+    if first touch:
+        projector.init_state(state, param_index, group)  # e.g. Flora's seed
     if projector.needs_refresh(state, step, group):
-        old = projector.basis(state, side, G)          # only when moments are re-projected
+        old = projector.basis(state, side, G, group)          # only when moments are re-projected
         low = projector.refresh(state, G, side, group)  # may return project(G) for free
         ... moments kept, re-projected or reset, per projector.moment_policy(group)
-    basis = projector.basis(state, side, G)             # transient, rebuilt each step
+    basis = projector.basis(state, side, G, group)             # transient, rebuilt each step
     low = projector.project(basis, G, side)             # unless refresh returned it
     N = inner_rule(low, moments)                        # AdamW, ...
     projector.add_back_(basis, N, side, W, alpha)       # W += alpha * project_back(N)
-    projector.after_update(state, G, side, basis, group)
+    projector.after_update(state, G, side, basis, group, refreshed)
 
 ``basis`` is whatever the method needs to apply its projection: a dense matrix for GaLore
 (stored), DCT (gathered from a shared table), Flora (regenerated from a seed) or Q-GaLore
@@ -34,6 +36,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from .._validate import check_number, check_positive_int
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -69,10 +73,10 @@ def resolve_side(shape: tuple[int, int], proj_type: str) -> str:
     raise ValueError(f"Invalid proj_type: {proj_type!r} (expected one of {PROJ_TYPES})")
 
 
-def _check_positive_int(group: dict, key: str) -> None:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {key}: {value!r} (must be an integer >= 1)")
+def index_dtype(size: int) -> torch.dtype:
+    """Smallest signed integer dtype that holds indices below ``size`` (int16 up to 32767,
+    which covers every hidden size in use; int32 beyond)."""
+    return torch.int16 if size <= torch.iinfo(torch.int16).max else torch.int32
 
 
 class Projector:
@@ -96,10 +100,8 @@ class Projector:
 
     def validate_group(self, group: dict) -> None:
         """Raise ``ValueError`` naming any bad group value this projector reads."""
-        _check_positive_int(group, "update_proj_gap")
-        scale = group["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"Invalid scale: {scale!r} (must be a number > 0)")
+        check_positive_int(group, "update_proj_gap")
+        check_number(group, "scale", 0, low_inclusive=False)
         if group["proj_type"] not in self.proj_types:
             raise ValueError(
                 f"Invalid proj_type: {group['proj_type']!r} for projector {self.name!r} "
@@ -109,6 +111,11 @@ class Projector:
     def moment_policy(self, group: dict) -> str:
         """What the optimizer does to its moments after a refresh: KEEP, REPROJECT or RESET."""
         return KEEP
+
+    def init_state(self, state: dict, param_index: int, group: dict) -> None:
+        """Called once per parameter before its first step. ``param_index`` is the 1-based
+        position of the parameter in the optimizer's param groups (stable across runs of
+        the same model), from which seeded methods derive a per-parameter seed."""
 
     def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
         """Whether to compute a new subspace before projecting at ``step`` (0-based)."""
@@ -123,7 +130,7 @@ class Projector:
         """
         raise NotImplementedError
 
-    def basis(self, state: dict, side: str, grad: Tensor) -> Any:
+    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> Any:
         """The transient operator ``project``/``project_back`` apply (see module docstring)."""
         raise NotImplementedError
 
@@ -141,9 +148,11 @@ class Projector:
         """Carry a moment from the old subspace into the new one."""
         return self.project(new_basis, self.project_back(old_basis, moment, side), side)
 
-    def after_update(self, state: dict, grad: Tensor, side: str, basis: Any, group: dict) -> None:
-        """Called once the parameter has been updated; methods that learn their basis
-        online (OSD) take their step here. Default: nothing."""
+    def after_update(
+        self, state: dict, grad: Tensor, side: str, basis: Any, group: dict, refreshed: bool
+    ) -> None:
+        """Called once the parameter has been updated (``refreshed``: a refresh happened
+        this step); methods that learn their basis online (OSD) take their step here."""
 
 
 class MatrixProjector(Projector):

@@ -36,6 +36,33 @@ def top_singular_basis(grad: Tensor, rank: int, side: str) -> Tensor | None:
     return None
 
 
+def refreshed_basis(state: dict, grad: Tensor, rank: int, side: str) -> Tensor | None:
+    """The new fp32/fp64 basis for a refresh, or ``None`` to keep ``state["proj_basis"]``.
+
+    Shared by every SVD-based projector: on a failed SVD it keeps the previous basis (or,
+    before any exists, the first coordinate directions) with a one-time warning.
+    """
+    basis = top_singular_basis(grad, rank, side)
+    if basis is not None:
+        return basis
+    shape = tuple(grad.shape)
+    if "proj_basis" in state or "proj_codes" in state:
+        warn_once(
+            "svd-keep",
+            f"SVD of a {shape} gradient failed in fp32 and fp64 (non-finite or "
+            "ill-conditioned gradient); keeping the previous projection basis. "
+            "Shown once per process.",
+        )
+        return None
+    warn_once(
+        "svd-first",
+        f"SVD of a {shape} gradient failed in fp32 and fp64 before any basis existed; "
+        "using the first coordinate directions until the next refresh. "
+        "Shown once per process.",
+    )
+    return _coordinate_basis(grad, rank, side)
+
+
 class SVDProjector(MatrixProjector):
     """GaLore: SVD of the gradient every ``update_proj_gap`` steps; state ``proj_basis``."""
 
@@ -45,29 +72,12 @@ class SVDProjector(MatrixProjector):
         return "proj_basis" not in state or step % group["update_proj_gap"] == 0
 
     def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> None:
-        rank = group["rank"]
-        basis = top_singular_basis(grad, rank, side)
-        if basis is None:
-            shape = tuple(grad.shape)
-            if "proj_basis" in state:
-                warn_once(
-                    "svd-keep",
-                    f"SVD of a {shape} gradient failed in fp32 and fp64 (non-finite or "
-                    "ill-conditioned gradient); keeping the previous projection basis. "
-                    "Shown once per process.",
-                )
-                return None
-            warn_once(
-                "svd-first",
-                f"SVD of a {shape} gradient failed in fp32 and fp64 before any basis "
-                "existed; using the first coordinate directions until the next refresh. "
-                "Shown once per process.",
-            )
-            basis = _coordinate_basis(grad, rank, side)
-        state["proj_basis"] = basis.to(grad.dtype)
+        basis = refreshed_basis(state, grad, group["rank"], side)
+        if basis is not None:
+            state["proj_basis"] = basis.to(grad.dtype)
         return None
 
-    def basis(self, state: dict, side: str, grad: Tensor) -> Tensor:
+    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> Tensor:
         return state["proj_basis"]
 
 

@@ -1,0 +1,181 @@
+"""Flora's own algorithm: Adafactor whose momentum is compressed by a seeded random
+projection (Hao et al., ICML 2024; reference code BorealisAI/flora-opt, ``Flora``).
+
+Per parameter, with ``u`` the Adafactor-normalised gradient (factored second moment on the
+*full* gradient for matrices)::
+
+    update = (1 - b1) u + b1 up(M)                 # M: r x n or m x r, never full-size
+    if t % kappa == 0: seed <- next(seed); M <- down_new(up_old(M))
+    M <- b1 M + (1 - b1) down(u)
+    update <- update / max(1, RMS(update) / clip_threshold)
+    p <- p - wd lr_t p - lr_t update,  lr_t = lr * max(eps2, RMS(p)) if scale_parameter
+
+A matrix's momentum is compressed when its group has ``rank``, it is 2-D, the second
+moment is factored, ``min(shape) >= rank`` and ``max / min <= 4`` (Flora's rule, which
+leaves embeddings uncompressed); other parameters are plain Adafactor with momentum.
+The seed lives in the state as an int64 tensor (``proj_seed``) and the projection is the
+``flora`` projector's, so ``FloraAdamW`` and this class draw the same matrices.
+Defaults are the reference class's, except ``beta1 = 0.9`` from Flora's configuration
+(the class's ``None`` disables the momentum that Flora exists to compress).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._validate import is_number
+from ..projectors.base import get_projector
+from ..rules import adafactor as af
+from .base import SubspaceOptimizer
+
+_FLORA = "flora"
+
+
+class FloraAdafactor(SubspaceOptimizer):
+    """Adafactor with Flora-compressed momentum; see the module docstring."""
+
+    rank_must_fit = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        rank: int | None = None,
+        kappa: int = 1000,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = 0.9,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = False,
+        warmup_init: bool = False,
+        factorize_second_moment: bool = True,
+        seed: int = 0,
+    ) -> None:
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "eps": eps,
+            "clip_threshold": clip_threshold,
+            "decay_rate": decay_rate,
+            "beta1": beta1,
+            "weight_decay": weight_decay,
+            "scale_parameter": scale_parameter,
+            "relative_step": relative_step,
+            "warmup_init": warmup_init,
+            "factorize_second_moment": factorize_second_moment,
+            "update_proj_gap": kappa,
+            "seed": seed,
+        }
+        if rank is not None:
+            defaults["rank"] = rank
+        super().__init__(params, defaults, projector=_FLORA)
+
+    def _validate_lr(self, group: dict) -> None:
+        lr, relative = group["lr"], group["relative_step"]
+        if lr is None and not relative:
+            raise ValueError("Invalid learning rate: None (pass lr, or relative_step=True)")
+        if lr is not None and relative:
+            raise ValueError(
+                f"Invalid learning rate: {lr!r} cannot be combined with relative_step=True"
+            )
+        if lr is not None and (not is_number(lr) or not lr >= 0):
+            raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
+        if group["warmup_init"] and not relative:
+            raise ValueError("Invalid warmup_init: True requires relative_step=True")
+
+    def _validate_rule_group(self, group: dict) -> None:
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2 or not all(
+            is_number(e) and e >= 0 for e in eps
+        ):
+            raise ValueError(f"Invalid eps: {eps!r} (must be a pair of floats >= 0)")
+        if not is_number(group["clip_threshold"]) or not group["clip_threshold"] > 0:
+            raise ValueError(f"Invalid clip_threshold: {group['clip_threshold']!r} (must be > 0)")
+        if not is_number(group["decay_rate"]) or not group["decay_rate"] < 0:
+            raise ValueError(f"Invalid decay_rate: {group['decay_rate']!r} (must be < 0)")
+        beta1 = group["beta1"]
+        if beta1 is not None and (not is_number(beta1) or not 0 <= beta1 < 1):
+            raise ValueError(f"Invalid beta1: {beta1!r} (must be None or in [0, 1))")
+
+    @staticmethod
+    def _compressed(group: dict, shape: torch.Size, factored: bool) -> bool:
+        beta1 = group["beta1"]
+        if not (beta1 and "rank" in group and factored):
+            return False
+        return min(shape) >= group["rank"] and max(shape) / min(shape) <= 4
+
+    def _step_param(self, p: Tensor, grad: Tensor, group: dict) -> None:
+        self._check_grad(p, grad)
+        state = self.state[p]
+        g = grad.float()
+        p32 = p if p.dtype == torch.float32 else p.float()
+        factored = g.dim() == 2 and group["factorize_second_moment"]
+        compressed = self._compressed(group, g.shape, factored)
+        side = "left" if g.shape[0] < g.shape[-1] else "right"
+        projector = get_projector(_FLORA)
+        if "step" not in state:
+            self._init_state(p, state, g, group, factored, compressed, side)
+        step = state["step"] + 1
+
+        lr_t = af.relative_step_size(group["lr"], step, group["relative_step"],
+                                     group["warmup_init"])
+        if group["scale_parameter"]:
+            lr_t = af.rms(p32).clamp(min=group["eps"][1]) * lr_t
+        beta2 = af.decay_beta2(step, group["decay_rate"])
+        eps1 = group["eps"][0]
+        if factored:
+            update = af.factored_preconditioned(
+                g, state["exp_avg_sq_row"], state["exp_avg_sq_col"], beta2, eps1
+            )
+        else:
+            update = af.full_preconditioned(g, state["exp_avg_sq"], beta2, eps1)
+
+        beta1 = group["beta1"]
+        if beta1 and not compressed:
+            update = update * (1 - beta1) + state["exp_avg"] * beta1
+            state["exp_avg"].copy_(update)
+        elif compressed:
+            basis = projector.basis(state, side, g, group)
+            raw = update
+            momentum = projector.project_back(basis, state["exp_avg"], side)
+            update = raw * (1 - beta1) + momentum * beta1
+            if step % group["update_proj_gap"] == 0:
+                projector.refresh(state, g, side, group)
+                new_basis = projector.basis(state, side, g, group)
+                state["exp_avg"] = projector.reproject(basis, new_basis, state["exp_avg"], side)
+                basis = new_basis
+            state["exp_avg"] = state["exp_avg"] * beta1 + projector.project(basis, raw, side) * (
+                1 - beta1
+            )
+
+        af.clip_by_rms_(update, group["clip_threshold"])
+        update = update * lr_t
+        if group["weight_decay"] != 0:
+            p32.add_(p32 * (-group["weight_decay"] * lr_t))
+        p32.sub_(update)
+        if p32 is not p:
+            p.copy_(p32)
+        state["step"] = step
+
+    def _init_state(
+        self, p: Tensor, state: dict, g: Tensor, group: dict, factored: bool, compressed: bool,
+        side: str,
+    ) -> None:
+        state["step"] = 0
+        if compressed:
+            get_projector(_FLORA).init_state(state, self._param_index(p), group)
+            m, n = g.shape
+            r = group["rank"]
+            state["exp_avg"] = g.new_zeros((r, n) if side == "left" else (m, r))
+        elif group["beta1"]:
+            state["exp_avg"] = torch.zeros_like(g)
+        if factored:
+            state["exp_avg_sq_row"] = g.new_zeros(g.shape[:-1])
+            state["exp_avg_sq_col"] = g.new_zeros(g.shape[:-2] + g.shape[-1:])
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(g)

@@ -1,0 +1,129 @@
+"""Grass: structured sparse projection by row selection (Muhamed et al., "Grass: Compute
+Efficient Low-Memory LLM Training with Structured Sparse Gradients", EMNLP 2024,
+arXiv 2406.17660). No public code exists; this follows the paper.
+
+The projection is ``P^T = rho B`` with ``B`` selecting ``rank`` rows of the gradient (columns
+on the right side) and ``rho`` a diagonal scaling, so the state is ``rank`` int16 indices
+(int32 past 32767) and ``rank`` float32 scales. Projection is a gather, back-projection a
+scatter-add into the selected rows; no dense 0/1 matrix is ever formed. The moments are
+reset at each refresh.
+
+``selection`` (group key):
+
+* ``"topk"``: the rows of largest norm, ``rho = 1``.
+* ``"multinomial"``: rows drawn without replacement with inclusion probability
+  ``pi_i = min(1, c ||g_i||^2)``, ``sum pi = rank`` (systematic sampling), scaled by
+  ``1 / sqrt(pi_i)``, which is ``1 / sqrt(r q_i)`` with ``q_i = ||g_i||^2 / ||G||^2`` when no
+  row is capped. Then ``E[P P^T G] = G`` exactly. (Drawing ``r`` times from the categorical
+  ``q`` without replacement would not be unbiased with that scaling: its inclusion
+  probabilities are not ``r q_i``.)
+* ``"uniform"``: ``rank`` distinct rows uniformly, ``rho = sqrt(d / r)``, also unbiased.
+
+Random draws use a per-parameter seed in the state (``proj_seed``, advanced at every
+refresh), so a resumed run draws the same rows.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._validate import check_choice, check_seed
+from .base import RESET, Projector, index_dtype, register_projector
+from .sampling import inclusion_probabilities, systematic_sample
+from .seeds import next_seed, seed_tensor
+
+SELECTIONS = ("topk", "multinomial", "uniform")
+
+
+class RowSelection(NamedTuple):
+    """Grass's transient basis: which rows (columns), their scales, and the full shape."""
+
+    indices: Tensor
+    scales: Tensor
+    shape: tuple[int, int]
+
+
+def select_rows(
+    norms_sq: Tensor, rank: int, selection: str, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Indices (sorted) and scales of the selected rows, given each row's squared norm."""
+    d = norms_sq.numel()
+    if selection == "topk":
+        idx = torch.topk(norms_sq, rank).indices
+        scales = torch.ones(rank, device=norms_sq.device)
+    elif selection == "uniform":
+        idx = torch.randperm(d, generator=generator, device=norms_sq.device)[:rank]
+        scales = torch.full((rank,), (d / rank) ** 0.5, device=norms_sq.device)
+    else:
+        pi = inclusion_probabilities(norms_sq, rank)
+        idx = systematic_sample(pi, rank, generator)
+        scales = pi[idx].rsqrt().float()
+    order = torch.argsort(idx)
+    return idx[order].to(index_dtype(d)), scales[order].float()
+
+
+class GrassProjector(Projector):
+    """Row (or column) selection; state ``proj_indices`` (int16), ``proj_scales``, ``proj_seed``."""
+
+    name = "grass"
+    group_defaults = {
+        "update_proj_gap": 200,
+        "scale": 0.25,
+        "proj_type": "std",
+        "selection": "multinomial",
+        "seed": 0,
+    }
+    host_state_keys = frozenset({"proj_seed"})
+
+    def validate_group(self, group: dict) -> None:
+        super().validate_group(group)
+        check_choice(group, "selection", SELECTIONS)
+        check_seed(group)
+
+    def moment_policy(self, group: dict) -> str:
+        return RESET
+
+    def init_state(self, state: dict, param_index: int, group: dict) -> None:
+        state["proj_seed"] = seed_tensor(group["seed"] + param_index)
+
+    def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
+        return "proj_indices" not in state or step % group["update_proj_gap"] == 0
+
+    def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> None:
+        seed = next_seed(int(state["proj_seed"]))
+        state["proj_seed"] = seed_tensor(seed)
+        gen = torch.Generator(device=grad.device).manual_seed(seed)
+        norms_sq = grad.float().pow(2).sum(dim=1 if side == "left" else 0)
+        idx, scales = select_rows(norms_sq, group["rank"], group["selection"], gen)
+        state["proj_indices"], state["proj_scales"] = idx, scales
+        return None
+
+    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> RowSelection:
+        # index_select / index_add_ take int32 or int64 indices; the state keeps int16.
+        return RowSelection(state["proj_indices"].int(), state["proj_scales"], tuple(grad.shape))
+
+    def project(self, basis: RowSelection, grad: Tensor, side: str) -> Tensor:
+        idx, scales, _ = basis
+        if side == "left":
+            return grad.index_select(0, idx) * scales.to(grad.dtype)[:, None]
+        return grad.index_select(1, idx) * scales.to(grad.dtype)[None, :]
+
+    def project_back(self, basis: RowSelection, low: Tensor, side: str) -> Tensor:
+        out = low.new_zeros(basis.shape)
+        self.add_back_(basis, low, side, out, 1.0)
+        return out
+
+    def add_back_(
+        self, basis: RowSelection, low: Tensor, side: str, out: Tensor, alpha: float
+    ) -> None:
+        idx, scales, _ = basis
+        if side == "left":
+            out.index_add_(0, idx, (low * scales.to(low.dtype)[:, None]).to(out.dtype), alpha=alpha)
+        else:
+            out.index_add_(1, idx, (low * scales.to(low.dtype)[None, :]).to(out.dtype), alpha=alpha)
+
+
+register_projector(GrassProjector())
