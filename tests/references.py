@@ -370,3 +370,61 @@ def q_galore_reference(w0, grads, *, rank, gap, scale, lr, betas, eps, weight_de
         m, v, n = _adam_torch(m, v, r, step + 1, betas, eps)
         w = w * (1 - lr * weight_decay) - lr * scale * _back(p, n, side)
     return w, gap
+
+
+# --------------------------------------------------------------------------- Lion, Adafactor
+def lion_reference(w0, grads, *, lr, betas, weight_decay, rank=None, gap=None, scale=1.0):
+    """Lion (Chen et al. 2023, Algorithm 2), optionally in GaLore's SVD subspace."""
+    beta1, beta2 = betas
+    side = _side(tuple(w0.shape))
+    w = w0.clone()
+    m = p = None
+    for step, g in enumerate(grads):
+        if rank is not None and step % gap == 0:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            p = vh[:rank] if side == "right" else u[:, :rank]
+        r = g if rank is None else _project(p, g, side)
+        if m is None:
+            m = torch.zeros_like(r)
+        c = beta1 * m + (1 - beta1) * r
+        update = torch.sign(c)
+        m = beta2 * m + (1 - beta2) * r
+        w = w * (1 - lr * weight_decay)
+        w = w - lr * scale * (update if rank is None else _back(p, update, side))
+    return w
+
+
+def adafactor_reference(w0, grads, *, lr, beta1, relative_step, scale_parameter,
+                        weight_decay=0.0, eps=(1e-30, 1e-3), clip=1.0, decay_rate=-0.8,
+                        rank=None, gap=None, scale=1.0):
+    """Adafactor as transformers defines it (factored second moment for matrices), optionally
+    on GaLore's projected gradient with the update back-projected times ``scale``."""
+    side = _side(tuple(w0.shape)) if w0.dim() == 2 else None
+    w = w0.clone()
+    row = col = v = m = p = None
+    for t, g in enumerate(grads, start=1):
+        if rank is not None and (t - 1) % gap == 0:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            p = vh[:rank] if side == "right" else u[:, :rank]
+        r = g if rank is None else _project(p, g, side)
+        rho = min(1e-2, 1 / math.sqrt(t)) if relative_step else lr
+        rms_w = (w.norm() / math.sqrt(w.numel())).item()
+        lr_t = max(eps[1], rms_w) * rho if scale_parameter else rho
+        b2 = 1 - t**decay_rate
+        sq = r * r + eps[0]
+        if r.dim() == 2:
+            row = sq.mean(dim=1) if row is None else b2 * row + (1 - b2) * sq.mean(dim=1)
+            col = sq.mean(dim=0) if col is None else b2 * col + (1 - b2) * sq.mean(dim=0)
+            v_hat = torch.outer(row, col) / row.mean()
+        else:
+            v = sq if v is None else b2 * v + (1 - b2) * sq
+            v_hat = v
+        update = r / v_hat.sqrt()
+        update = update / max(1.0, (update.norm() / math.sqrt(update.numel())).item() / clip)
+        update = lr_t * update
+        if beta1:
+            m = (1 - beta1) * update if m is None else beta1 * m + (1 - beta1) * update
+            update = m
+        full = update if rank is None else scale * _back(p, update, side)
+        w = w - weight_decay * lr_t * w - full
+    return w

@@ -43,3 +43,12 @@ def check_number(group: dict, key: str, low: float, high: float = float("inf"),
             f" and <= {high}" if high != float("inf") else ""
         )
         raise ValueError(f"Invalid {key}: {value!r} (must be a number {bound})")
+
+
+def check_betas(group: dict) -> None:
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair of floats)")
+    for i, beta in enumerate(betas):
+        if not is_number(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")

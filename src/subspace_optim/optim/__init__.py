@@ -1,18 +1,27 @@
 """Optimizer classes: plumbing around the pure rules in ``subspace_optim.rules``."""
 
+from .adafactor import GaLoreAdafactor, SubspaceAdafactor
 from .adamw import GaLoreAdamW, SubspaceAdamW
-from .base import SubspaceOptimizer
+from .base import RuleStep, SubspaceOptimizer
+from .eightbit import GaLoreAdamW8bit, QGaLoreAdamW8bit
 from .flora_adafactor import FloraAdafactor
+from .lion import SubspaceLion
 from .methods import DCTAdamW, FloraAdamW, GrassAdamW, OnlineSubspaceAdamW, QGaLoreAdamW
 
 __all__ = [
     "DCTAdamW",
     "FloraAdafactor",
     "FloraAdamW",
+    "GaLoreAdafactor",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
     "GrassAdamW",
     "OnlineSubspaceAdamW",
     "QGaLoreAdamW",
+    "QGaLoreAdamW8bit",
+    "RuleStep",
+    "SubspaceAdafactor",
     "SubspaceAdamW",
+    "SubspaceLion",
     "SubspaceOptimizer",
 ]

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from .._validate import check_bool, check_choice, is_number
-from ..rules.adamw import CONVENTIONS, MOMENTS, NONNEGATIVE_MOMENTS, adamw_update
-from .base import SubspaceOptimizer
+from .._validate import check_betas, check_bool, check_choice, is_number
+from ..rules.adamw import CONVENTIONS, adamw_update
+from .base import RuleStep, SubspaceOptimizer
 
 
 class SubspaceAdamW(SubspaceOptimizer):
@@ -30,12 +30,13 @@ class SubspaceAdamW(SubspaceOptimizer):
         correct_bias: bias-correct the moments (transformers' flag; default True).
         convention: ``"torch"`` (default) or ``"galore"``: where eps enters and whether
             weight decay comes before or after the update (see ``rules.adamw``).
+        state_bits: precision of the moments: ``None`` (the gradient's dtype), 32, 16
+            (bfloat16) or 8 (block-wise, through bitsandbytes); see ``optim.moments``.
         projector: the projector name used by groups that set ``rank`` but no
             ``projector`` (default: the class's ``default_projector``, ``"galore"``).
     """
 
-    moment_names = MOMENTS
-    nonnegative_moments = NONNEGATIVE_MOMENTS
+    reprojectable_moments = frozenset({"exp_avg", "exp_avg_sq"})
     # Projector of groups that set ``rank`` but no ``projector``; named subclasses change it.
     default_projector = "galore"
 
@@ -50,6 +51,7 @@ class SubspaceAdamW(SubspaceOptimizer):
         correct_bias: bool = True,
         convention: str = "torch",
         projector: str | None = None,
+        state_bits: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -58,6 +60,7 @@ class SubspaceAdamW(SubspaceOptimizer):
             "weight_decay": weight_decay,
             "correct_bias": correct_bias,
             "convention": convention,
+            "state_bits": state_bits,
         }
         super().__init__(params, defaults, projector=projector or self.default_projector)
 
@@ -68,28 +71,24 @@ class SubspaceAdamW(SubspaceOptimizer):
             group.setdefault("convention", "torch")
 
     def _validate_rule_group(self, group: dict) -> None:
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (must be a pair of floats)")
-        for i, beta in enumerate(betas):
-            if not is_number(beta) or not 0.0 <= beta < 1.0:
-                raise ValueError(
-                    f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))"
-                )
+        check_betas(group)
         eps = group["eps"]
         if not is_number(eps) or not eps >= 0:
             raise ValueError(f"Invalid epsilon value: {eps!r} (must be a float >= 0)")
         check_choice(group, "convention", CONVENTIONS)
         check_bool(group, "correct_bias")
 
+    def _moment_specs(self, grad: Tensor, group: dict) -> dict:
+        return {"exp_avg": (tuple(grad.shape), True), "exp_avg_sq": (tuple(grad.shape), False)}
+
     def _rule_update(
-        self, grad: Tensor, state: dict, group: dict, step: int
-    ) -> tuple[Tensor, float]:
+        self, grad: Tensor, moments: dict[str, Tensor], group: dict, step: int, param: Tensor
+    ) -> RuleStep:
         beta1, beta2 = group["betas"]
-        return adamw_update(
+        direction, factor = adamw_update(
             grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            moments["exp_avg"],
+            moments["exp_avg_sq"],
             step,
             beta1=beta1,
             beta2=beta2,
@@ -97,6 +96,9 @@ class SubspaceAdamW(SubspaceOptimizer):
             correct_bias=group["correct_bias"],
             convention=group["convention"],
         )
+        lr = group["lr"]
+        return RuleStep(direction, lr * factor, lr * group["weight_decay"],
+                        decay_after=group["convention"] == "galore")
 
 
 class GaLoreAdamW(SubspaceAdamW):
@@ -119,6 +121,7 @@ class GaLoreAdamW(SubspaceAdamW):
         *,
         convention: str = "galore",
         projector: str | None = None,
+        state_bits: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -129,4 +132,5 @@ class GaLoreAdamW(SubspaceAdamW):
             correct_bias=correct_bias,
             convention=convention,
             projector=projector,
+            state_bits=state_bits,
         )

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._validate import is_int, is_number
+from .._validate import check_choice, is_int, is_number
+from ..nn.int8_linear import int8_layer_of
 from ..projectors.base import (
     REPROJECT,
     RESET,
@@ -29,15 +30,39 @@ from ..projectors.base import (
     matrix_shape,
     resolve_side,
 )
+from . import moments
+
+
+class RuleStep(NamedTuple):
+    """What an inner rule returns for one parameter.
+
+    direction: in the gradient's (possibly projected) space;
+    step_size: the update is ``-step_size * direction`` (times the projection's scale);
+    decay: decoupled weight decay, ``p <- p - decay * p``;
+    decay_after: apply it after the update (galore-torch) instead of before (torch).
+    """
+
+    direction: Tensor
+    step_size: float | Tensor
+    decay: float | Tensor
+    decay_after: bool = False
+
+
+def _nonzero(value: float | Tensor) -> bool:
+    return isinstance(value, Tensor) or value != 0
+
+
+def _int8_grad(p: Tensor) -> Tensor | None:
+    layer = int8_layer_of(p)
+    return None if layer is None else layer.weight_grad
 
 
 class SubspaceOptimizer(Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose projected groups update in a subspace."""
 
-    # Names of the inner rule's per-parameter moments, and which of them must stay >= 0
-    # when carried into a new subspace (set by each rule's subclass).
-    moment_names: tuple[str, ...] = ()
-    nonnegative_moments: frozenset[str] = frozenset()
+    # The rule's moments that are coordinates in the subspace and so move with it when a
+    # projector re-projects at a refresh (set by each rule's subclass).
+    reprojectable_moments: frozenset[str] = frozenset()
     # Whether a rank larger than a matrix's smaller dimension is an error (it is, unless a
     # method decides per parameter whether to project, as Flora's Adafactor does).
     rank_must_fit: bool = True
@@ -62,6 +87,8 @@ class SubspaceOptimizer(Optimizer):
 
     def _validate_common(self, group: dict) -> None:
         self._validate_lr(group)
+        group.setdefault("state_bits", None)
+        check_choice(group, "state_bits", moments.STATE_BITS)
         wd = group["weight_decay"]
         if not is_number(wd) or not wd >= 0:
             raise ValueError(f"Invalid weight_decay value: {wd!r} (must be a float >= 0)")
@@ -103,21 +130,44 @@ class SubspaceOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, p.grad, group)
+                grad = p.grad if p.grad is not None else _int8_grad(p)
+                if grad is not None:
+                    self._step_param(p, grad, group)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                layer = int8_layer_of(p)
+                if layer is not None:
+                    layer.weight_grad = None
 
     def _step_param(self, p: Tensor, grad: Tensor, group: dict) -> None:
         """Update one parameter from ``grad``; the unit that per-layer stepping will call."""
         self._check_grad(p, grad)
         state = self.state[p]
         step = state.get("step", 0)
+        layer = int8_layer_of(p)
+        # The float tensor the update is applied to: the parameter itself, or the
+        # dequantised weight of an INT8 layer (stored back with stochastic rounding).
+        target = p if layer is None else layer.dequantized_weight()
         if "rank" in group and p.dim() >= 2:
-            self._step_projected(p, grad, group, state, step)
+            self._step_projected(p, target, grad, group, state, step)
         else:
-            direction, factor = self._rule(grad, state, group, step)
-            self._apply(p, group, factor, lambda alpha: p.add_(direction, alpha=alpha))
+            rule = self._rule(grad, state, group, step, target)
+            self._apply(target, rule, 1.0, lambda alpha: target.add_(rule.direction, alpha=alpha))
+        if layer is not None:
+            layer.store_weight_(target, self._rounding_generator(p, state, step))
         state["step"] = step + 1
+
+    def _rounding_generator(self, p: Tensor, state: dict, step: int) -> torch.Generator:
+        """A generator for this step's stochastic rounding, derived from a per-parameter seed
+        and the step, so that a resumed run draws exactly what the uninterrupted one did."""
+        if "sr_seed" not in state:
+            state["sr_seed"] = torch.tensor(self._param_index(p), dtype=torch.int64)
+        seed = (int(state["sr_seed"]) * 1_000_003 + step) % (2**63 - 1)
+        return torch.Generator(device=p.device).manual_seed(seed)
 
     def _check_grad(self, p: Tensor, grad: Tensor) -> None:
         if grad.is_sparse:
@@ -132,7 +182,9 @@ class SubspaceOptimizer(Optimizer):
                 "optimize torch.view_as_real(p) instead"
             )
 
-    def _step_projected(self, p: Tensor, grad: Tensor, group: dict, state: dict, step: int) -> None:
+    def _step_projected(
+        self, p: Tensor, target: Tensor, grad: Tensor, group: dict, state: dict, step: int
+    ) -> None:
         projector = get_projector(group["projector"])
         g = grad.reshape(matrix_shape(p.shape))
         side = resolve_side(g.shape, group["proj_type"])
@@ -140,15 +192,15 @@ class SubspaceOptimizer(Optimizer):
             projector.init_state(state, self._param_index(p), group)
         refreshed = projector.needs_refresh(state, step, group)
         basis, low = self._project(projector, state, g, side, group, refreshed)
-        direction, factor = self._rule(low, state, group, step)
-        target = p.view(g.shape) if p.is_contiguous() else p.contiguous().view(g.shape)
+        matrix = (target if target.is_contiguous() else target.contiguous()).view(g.shape)
+        rule = self._rule(low, state, group, step, matrix)
 
         def add_back(alpha: float) -> None:
-            projector.add_back_(basis, direction, side, target, alpha)
+            projector.add_back_(basis, rule.direction, side, matrix, alpha)
 
-        self._apply(target, group, factor * group["scale"], add_back)
-        if target.data_ptr() != p.data_ptr():
-            p.copy_(target.view_as(p))
+        self._apply(matrix, rule, group["scale"], add_back)
+        if matrix.data_ptr() != target.data_ptr():
+            target.copy_(matrix.view_as(target))
         projector.after_update(state, g, side, basis, group, refreshed)
 
     def _param_index(self, p: Tensor) -> int:
@@ -159,55 +211,85 @@ class SubspaceOptimizer(Optimizer):
         self, projector: Projector, state: dict, g: Tensor, side: str, group: dict,
         refresh: bool,
     ) -> tuple[Any, Tensor]:
-        low = None
-        if refresh:
-            policy = projector.moment_policy(group)
-            has_moments = all(name in state for name in self.moment_names)
-            old_basis = None
-            if policy == REPROJECT and has_moments:
-                old_basis = projector.basis(state, side, g, group)
-            low = projector.refresh(state, g, side, group)
+        if not refresh:
             basis = projector.basis(state, side, g, group)
-            if has_moments and policy == RESET:
-                for name in self.moment_names:
-                    state[name].zero_()
-            elif old_basis is not None:
-                for name in self.moment_names:
-                    moved = projector.reproject(old_basis, basis, state[name], side)
-                    if name in self.nonnegative_moments:
-                        moved.abs_()
-                    state[name] = moved.to(state[name].dtype)
-        else:
-            basis = projector.basis(state, side, g, group)
+            return basis, projector.project(basis, g, side)
+        policy = projector.moment_policy(group)
+        stored = [name for name in self._moment_specs(g, group) if name in state]
+        old_basis = None
+        if policy == REPROJECT and stored:
+            old_basis = projector.basis(state, side, g, group)
+        low = projector.refresh(state, g, side, group)
+        basis = projector.basis(state, side, g, group)
         if low is None:
             low = projector.project(basis, g, side)
+        if stored and policy in (RESET, REPROJECT):
+            self._transition_moments(projector, state, group, stored, policy, old_basis, basis,
+                                     side, low)
         return basis, low
 
-    def _rule(self, grad: Tensor, state: dict, group: dict, step: int) -> tuple[Tensor, float]:
-        if not all(name in state for name in self.moment_names):
-            for name in self.moment_names:
-                state[name] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        return self._rule_update(grad, state, group, step + 1)
+    def _transition_moments(
+        self, projector: Projector, state: dict, group: dict, names: list[str], policy: str,
+        old_basis: Any, basis: Any, side: str, low: Tensor,
+    ) -> None:
+        """Reset the moments, or carry those that live in the subspace into the new one
+        (second moments in absolute value, so they stay valid scales). Moments that are not
+        subspace coordinates (Adafactor's factored statistics) are kept under REPROJECT."""
+        bits = group.get("state_bits")
+        specs = self._moment_specs(low, group)
+        for name in names:
+            _, signed = specs[name]
+            if policy == RESET:
+                value = torch.zeros_like(moments.load_moment(state, name, bits, signed))
+            elif name in self.reprojectable_moments:
+                value = projector.reproject(
+                    old_basis, basis, moments.load_moment(state, name, bits, signed), side
+                )
+                if not signed:
+                    value = value.abs()
+            else:
+                continue
+            moments.store_moment(state, name, value, bits, signed)
+
+    def _rule(
+        self, grad: Tensor, state: dict, group: dict, step: int, target: Tensor
+    ) -> RuleStep:
+        bits = group.get("state_bits")
+        specs = self._moment_specs(grad, group)
+        if any(name not in state for name in specs):
+            for name, (shape, signed) in specs.items():
+                moments.init_moment(state, name, shape, grad, bits, signed)
+        compute = {name: moments.load_moment(state, name, bits, signed)
+                   for name, (_, signed) in specs.items()}
+        dtype = moments.compute_dtype(bits, grad)
+        rule = self._rule_update(grad.to(dtype), compute, group, step + 1, target)
+        for name, (_, signed) in specs.items():
+            moments.store_moment(state, name, compute[name], bits, signed)
+        return rule
+
+    def _moment_specs(self, grad: Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """The rule's moments for a gradient of this shape: name -> (shape, signed)."""
+        raise NotImplementedError
 
     def _rule_update(
-        self, grad: Tensor, state: dict, group: dict, step: int
-    ) -> tuple[Tensor, float]:
-        """Update the moments from ``grad``; return ``(N, c)`` (update ``-lr * c * N``)."""
+        self, grad: Tensor, moments: dict[str, Tensor], group: dict, step: int, param: Tensor
+    ) -> RuleStep:
+        """Update ``moments`` in place from ``grad`` (``step`` is 1-based); ``param`` is the
+        float weight (read only, e.g. for Adafactor's RMS)."""
         raise NotImplementedError
 
     @staticmethod
     def _apply(
-        target: Tensor, group: dict, factor: float, add_update: Callable[[float], None]
+        target: Tensor, rule: RuleStep, scale: float, add_update: Callable[[float], None]
     ) -> None:
-        """Decoupled weight decay around ``target += -lr * factor * update``, in the order
-        of the group's convention (torch decays before the update, galore-torch after)."""
-        lr, wd = group["lr"], group["weight_decay"]
-        convention = group.get("convention", "torch")
-        if convention == "torch" and wd != 0:
-            target.mul_(1 - lr * wd)
-        add_update(-lr * factor)
-        if convention == "galore" and wd > 0:
-            target.add_(target, alpha=-lr * wd)
+        """Decoupled weight decay ``target -= decay * target`` around the update
+        ``target += -scale * step_size * direction``, before it (torch's order) or after
+        it (galore-torch's)."""
+        if not rule.decay_after and _nonzero(rule.decay):
+            target.mul_(1 - rule.decay)
+        add_update(-scale * rule.step_size)
+        if rule.decay_after and _nonzero(rule.decay):
+            target.add_(target, alpha=-rule.decay)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -223,7 +305,7 @@ class SubspaceOptimizer(Optimizer):
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        host_keys = self._host_state_keys()
+        host_keys = self._host_state_keys() | {"sr_seed"}
         for saved_id, p in zip(saved_ids, params, strict=True):
             if saved_id not in saved_state:
                 continue

@@ -27,15 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validate import is_number
 from ..projectors.base import get_projector
 from ..rules import adafactor as af
-from .base import SubspaceOptimizer
+from .adafactor import SubspaceAdafactor
 
 _FLORA = "flora"
 
 
-class FloraAdafactor(SubspaceOptimizer):
+class FloraAdafactor(SubspaceAdafactor):
     """Adafactor with Flora-compressed momentum; see the module docstring."""
 
     rank_must_fit = False
@@ -57,50 +56,17 @@ class FloraAdafactor(SubspaceOptimizer):
         factorize_second_moment: bool = True,
         seed: int = 0,
     ) -> None:
-        defaults: dict[str, Any] = {
-            "lr": lr,
-            "eps": eps,
-            "clip_threshold": clip_threshold,
-            "decay_rate": decay_rate,
-            "beta1": beta1,
-            "weight_decay": weight_decay,
-            "scale_parameter": scale_parameter,
-            "relative_step": relative_step,
-            "warmup_init": warmup_init,
+        extra: dict[str, Any] = {
             "factorize_second_moment": factorize_second_moment,
             "update_proj_gap": kappa,
             "seed": seed,
         }
         if rank is not None:
-            defaults["rank"] = rank
-        super().__init__(params, defaults, projector=_FLORA)
-
-    def _validate_lr(self, group: dict) -> None:
-        lr, relative = group["lr"], group["relative_step"]
-        if lr is None and not relative:
-            raise ValueError("Invalid learning rate: None (pass lr, or relative_step=True)")
-        if lr is not None and relative:
-            raise ValueError(
-                f"Invalid learning rate: {lr!r} cannot be combined with relative_step=True"
-            )
-        if lr is not None and (not is_number(lr) or not lr >= 0):
-            raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
-        if group["warmup_init"] and not relative:
-            raise ValueError("Invalid warmup_init: True requires relative_step=True")
-
-    def _validate_rule_group(self, group: dict) -> None:
-        eps = group["eps"]
-        if not isinstance(eps, (tuple, list)) or len(eps) != 2 or not all(
-            is_number(e) and e >= 0 for e in eps
-        ):
-            raise ValueError(f"Invalid eps: {eps!r} (must be a pair of floats >= 0)")
-        if not is_number(group["clip_threshold"]) or not group["clip_threshold"] > 0:
-            raise ValueError(f"Invalid clip_threshold: {group['clip_threshold']!r} (must be > 0)")
-        if not is_number(group["decay_rate"]) or not group["decay_rate"] < 0:
-            raise ValueError(f"Invalid decay_rate: {group['decay_rate']!r} (must be < 0)")
-        beta1 = group["beta1"]
-        if beta1 is not None and (not is_number(beta1) or not 0 <= beta1 < 1):
-            raise ValueError(f"Invalid beta1: {beta1!r} (must be None or in [0, 1))")
+            extra["rank"] = rank
+        super().__init__(
+            params, lr, eps, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter,
+            relative_step, warmup_init, projector=_FLORA, state_bits=None, extra_defaults=extra,
+        )
 
     @staticmethod
     def _compressed(group: dict, shape: torch.Size, factored: bool) -> bool:

@@ -21,7 +21,7 @@ def inclusion_probabilities(weights: Tensor, count: int) -> Tensor:
         if total > 0:
             pi = torch.where(capped, 1.0, budget * free_weight / total)
         else:
-            pi = torch.where(capped, 1.0, budget / int(free.sum()))
+            pi = torch.where(capped, 1.0, torch.full_like(w, budget / int(free.sum())))
         over = free & (pi > 1)
         if not bool(over.any()):
             break

@@ -66,6 +66,33 @@ def quantize_groupwise(
     return codes, scales, zeros.to(torch.uint8)
 
 
+def quantize_groupwise_stochastic(
+    x: Tensor, group_size: int, generator: torch.Generator, bits: int = 8
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`quantize_groupwise` (unpacked codes) but with stochastic rounding:
+    ``q = floor(x / s) + Bernoulli(frac(x / s)) + z``, so that ``E[s (q - z)] = x`` exactly.
+
+    For that expectation to hold at the ends of a group's range too, no draw may be
+    clipped: the grid uses ``s = range / (2^bits - 2)`` and ``z = ceil(-lo / s)``, which
+    keeps ``floor`` and ``ceil`` of every value inside ``[0, 2^bits - 1]``. (Q-GaLore's
+    reference uses the nearest-rounding grid and clips, which biases values near the ends.)
+    """
+    flat = x.detach().reshape(-1).float()
+    numel = flat.numel()
+    groups = math.ceil(numel / group_size)
+    w = F.pad(flat, (0, groups * group_size - numel)).view(groups, group_size)
+    qmax = 2**bits - 1
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    scales = (hi - lo).clamp(min=MIN_RANGE) / (qmax - 1)
+    zeros = torch.ceil(-lo / scales).clamp(0, qmax - 1)
+    scaled = w / scales[:, None]
+    low = torch.floor(scaled)
+    up = torch.rand(scaled.shape, generator=generator, device=x.device) < (scaled - low)
+    q = (low + up + zeros[:, None]).clamp(0, qmax)
+    return q.to(torch.uint8).reshape(-1)[:numel], scales, zeros.to(torch.uint8)
+
+
 def dequantize_groupwise(
     codes: Tensor,
     scales: Tensor,
@@ -75,7 +102,8 @@ def dequantize_groupwise(
     group_size: int = 256,
 ) -> Tensor:
     """The flat float32 tensor of ``numel`` values that :func:`quantize_groupwise` encoded."""
-    q = unpack_int4(codes, numel) if bits == 4 else codes[:numel]
+    flat = codes.reshape(-1)
+    q = unpack_int4(flat, numel) if bits == 4 else flat[:numel]
     groups = scales.numel()
     q = F.pad(q, (0, groups * group_size - numel)).view(groups, group_size).float()
     return ((q - zeros[:, None].float()) * scales[:, None]).reshape(-1)[:numel]

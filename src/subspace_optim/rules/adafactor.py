@@ -50,3 +50,32 @@ def full_preconditioned(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: flo
 def clip_by_rms_(update: Tensor, threshold: float) -> Tensor:
     """Scale ``update`` down in place so that its RMS is at most ``threshold``."""
     return update.div_((rms(update) / threshold).clamp_(min=1.0))
+
+
+def adafactor_update(
+    grad: Tensor,
+    moments: dict[str, Tensor],
+    step: int,
+    *,
+    lr: float | Tensor,
+    beta1: float | None,
+    decay_rate: float,
+    eps: float,
+    clip_threshold: float,
+) -> Tensor:
+    """One Adafactor step on ``grad`` (transformers' and galore-torch's order): precondition
+    by the factored (``exp_avg_sq_row``/``exp_avg_sq_col``) or full (``exp_avg_sq``) second
+    moment, clip by RMS, scale by ``lr``, then, with ``beta1``, average into ``exp_avg``.
+    Updates ``moments`` in place; returns the lr-scaled update (the step is ``p -= update``)."""
+    beta2 = decay_beta2(step, decay_rate)
+    if "exp_avg_sq_row" in moments:
+        update = factored_preconditioned(
+            grad, moments["exp_avg_sq_row"], moments["exp_avg_sq_col"], beta2, eps
+        )
+    else:
+        update = full_preconditioned(grad, moments["exp_avg_sq"], beta2, eps)
+    clip_by_rms_(update, clip_threshold)
+    update.mul_(lr)
+    if beta1:
+        update = moments["exp_avg"].mul_(beta1).add_(update, alpha=1 - beta1)
+    return update

@@ -22,9 +22,6 @@ import torch
 from torch import Tensor
 
 CONVENTIONS = ("torch", "galore")
-MOMENTS = ("exp_avg", "exp_avg_sq")
-# Moments that must stay non-negative when carried into a new subspace.
-NONNEGATIVE_MOMENTS = frozenset({"exp_avg_sq"})
 
 
 def adamw_update(

@@ -1,0 +1,127 @@
+"""Adafactor with subspace projection: ``SubspaceAdafactor`` and the drop-in ``GaLoreAdafactor``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from .._validate import is_number
+from ..rules import adafactor as af
+from .base import RuleStep, SubspaceOptimizer
+
+
+class SubspaceAdafactor(SubspaceOptimizer):
+    """Adafactor (Shazeer & Stern 2018) with transformers' and galore-torch's semantics; in a
+    projected group the second moment is factored over the *projected* gradient (rows and
+    columns of the r x n or m x r matrix) and the update is back-projected times ``scale``.
+
+    Per parameter, with ``lr_t = rho_t * max(eps[1], RMS(p))`` when ``scale_parameter`` and
+    ``rho_t = min(1e-2 or 1e-6 t, 1/sqrt(t))`` when ``relative_step`` (else ``lr``)::
+
+        u = G / sqrt(v_hat);  u /= max(1, RMS(u) / clip_threshold);  u *= lr_t
+        if beta1: m = beta1 m + (1 - beta1) u;  u = m
+        p <- p - weight_decay * lr_t * p - scale * project_back(u)
+
+    Defaults are transformers' ``Adafactor`` (and ``galore_torch.GaLoreAdafactor``): lr None
+    with relative_step, eps (1e-30, 1e-3), clip 1.0, decay_rate -0.8, beta1 None. Moments are
+    kept in float32 (``state_bits=32``) as those implementations do for bf16 parameters.
+    """
+
+    reprojectable_moments = frozenset({"exp_avg"})
+    default_projector = "galore"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        projector: str | None = None,
+        state_bits: int | None = 32,
+        extra_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "eps": eps,
+            "clip_threshold": clip_threshold,
+            "decay_rate": decay_rate,
+            "beta1": beta1,
+            "weight_decay": weight_decay,
+            "scale_parameter": scale_parameter,
+            "relative_step": relative_step,
+            "warmup_init": warmup_init,
+            "state_bits": state_bits,
+            **(extra_defaults or {}),
+        }
+        super().__init__(params, defaults, projector=projector or self.default_projector)
+
+    def _validate_lr(self, group: dict) -> None:
+        lr, relative = group["lr"], group["relative_step"]
+        if lr is None and not relative:
+            raise ValueError("Invalid learning rate: None (pass lr, or relative_step=True)")
+        if lr is not None and relative:
+            raise ValueError(
+                f"Invalid learning rate: {lr!r} cannot be combined with relative_step=True"
+            )
+        if lr is not None and (not is_number(lr) or not lr >= 0):
+            raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
+        if group["warmup_init"] and not relative:
+            raise ValueError("Invalid warmup_init: True requires relative_step=True")
+
+    def _validate_rule_group(self, group: dict) -> None:
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2 or not all(
+            is_number(e) and e >= 0 for e in eps
+        ):
+            raise ValueError(f"Invalid eps: {eps!r} (must be a pair of floats >= 0)")
+        if not is_number(group["clip_threshold"]) or not group["clip_threshold"] > 0:
+            raise ValueError(f"Invalid clip_threshold: {group['clip_threshold']!r} (must be > 0)")
+        if not is_number(group["decay_rate"]) or not group["decay_rate"] < 0:
+            raise ValueError(f"Invalid decay_rate: {group['decay_rate']!r} (must be < 0)")
+        beta1 = group["beta1"]
+        if beta1 is not None and (not is_number(beta1) or not 0 <= beta1 < 1):
+            raise ValueError(f"Invalid beta1: {beta1!r} (must be None or in [0, 1))")
+
+    def _moment_specs(self, grad: Tensor, group: dict) -> dict:
+        shape = tuple(grad.shape)
+        specs = {}
+        if group["beta1"]:
+            specs["exp_avg"] = (shape, True)
+        if grad.dim() >= 2:
+            specs["exp_avg_sq_row"] = (shape[:-1], False)
+            specs["exp_avg_sq_col"] = (shape[:-2] + shape[-1:], False)
+        else:
+            specs["exp_avg_sq"] = (shape, False)
+        return specs
+
+    @staticmethod
+    def _step_size(group: dict, step: int, param: Tensor) -> float | Tensor:
+        lr = af.relative_step_size(group["lr"], step, group["relative_step"],
+                                   group["warmup_init"])
+        if group["scale_parameter"]:
+            return af.rms(param.float()).clamp(min=group["eps"][1]) * lr
+        return lr
+
+    def _rule_update(
+        self, grad: Tensor, moments: dict[str, Tensor], group: dict, step: int, param: Tensor
+    ) -> RuleStep:
+        lr_t = self._step_size(group, step, param)
+        update = af.adafactor_update(
+            grad, moments, step, lr=lr_t, beta1=group["beta1"], decay_rate=group["decay_rate"],
+            eps=group["eps"][0], clip_threshold=group["clip_threshold"],
+        )
+        return RuleStep(update, 1.0, group["weight_decay"] * lr_t)
+
+
+class GaLoreAdafactor(SubspaceAdafactor):
+    """Drop-in for ``galore_torch.GaLoreAdafactor``: same defaults, same update. transformers'
+    Trainer builds it with ``scale_parameter=False, relative_step=False`` and an ``lr``."""
