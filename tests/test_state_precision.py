@@ -138,3 +138,21 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
 def test_bad_state_bits_is_named():
     with pytest.raises(ValueError, match=r"Invalid state_bits: 4"):
         so.SubspaceAdamW([torch.nn.Parameter(torch.randn(2, 2))], state_bits=4)
+
+
+@pytest.mark.gpu
+def test_8bit_states_on_cuda_follow_the_cpu_run():
+    """Same 8-bit run on CUDA and CPU: both quantise with the same maps and block size, so
+    the weights agree to within the 8-bit state error (bounded as in the odd-size test)."""
+    grads = gradient_stream((128, 96), 20, seed=40)
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(128, 96, device=device))
+        opt = so.GaLoreAdamW8bit([{"params": [w], "rank": 64}])
+        for g in grads:
+            w.grad = g.to(device)
+            opt.step()
+        assert opt.state[w]["exp_avg"].dtype == torch.uint8
+        results.append(w.detach().cpu())
+    assert (results[0] - results[1]).abs().max() < 0.1 * 20 * 1e-3
