@@ -4,6 +4,7 @@ Swap ``torch.optim.AdamW`` for :class:`SubspaceAdamW` (or ``galore_torch.GaLoreA
 :class:`GaLoreAdamW`) and switch projection on per param group with the key ``rank``.
 """
 
+from .layerwise import BackwardStepper, step_in_backward
 from .memory import optimizer_state_bytes
 from .optim import (
     DCTAdamW,
@@ -26,6 +27,7 @@ from .projectors import Projector, get_projector, register_projector, registered
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackwardStepper",
     "DCTAdamW",
     "FloraAdafactor",
     "FloraAdamW",
@@ -45,4 +47,5 @@ __all__ = [
     "optimizer_state_bytes",
     "register_projector",
     "registered_projectors",
+    "step_in_backward",
 ]

@@ -51,6 +51,8 @@ class _Int8LinearFunction(torch.autograd.Function):
         # In the activations' dtype, like any weight gradient (bf16 in bf16 training).
         grad_w = out_2d.T @ x.reshape(-1, x.shape[-1])
         module.weight_grad = grad_w if module.weight_grad is None else module.weight_grad + grad_w
+        if module.weight_grad_hook is not None:  # stepping in backward
+            module.weight_grad_hook(module.weight_grad)
         grad_b = out_2d.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return grad_x, grad_b, None, None
 
@@ -73,6 +75,9 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) \
             if bias else None
         self.weight_grad: Tensor | None = None
+        # Set by step_in_backward: called with the accumulated gradient after each backward,
+        # the counterpart of a float parameter's post-accumulate-grad hook.
+        self.weight_grad_hook = None
         # The optimizer finds the layer from its weight (parameters are what it holds).
         self.weight.int8_linear = self
 
@@ -103,8 +108,12 @@ class Int8Linear(nn.Module):
         self.weight_scales.copy_(scales)
         self.weight_zeros.copy_(zeros)
 
+    def __setstate__(self, state: dict) -> None:
+        # deepcopy and unpickling rebuild the weight Parameter without its attributes.
+        super().__setstate__(state)
+        self.weight.int8_linear = self
+
     def forward(self, x: Tensor) -> Tensor:
-        self.weight.int8_linear = self  # a deep copy of the module loses the attribute
         anchor = x.new_empty(0).requires_grad_() if torch.is_grad_enabled() else None
         return _Int8LinearFunction.apply(x, self.bias, anchor, self)
 

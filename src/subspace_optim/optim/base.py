@@ -70,6 +70,8 @@ class SubspaceOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, projector: str) -> None:
         # Read by add_param_group, which Optimizer.__init__ calls for every group.
         self._default_projector = projector
+        # Set by subspace_optim.step_in_backward while parameters step inside backward.
+        self._backward_stepper = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -128,11 +130,19 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._backward_stepper is not None:
+            # Parameters were updated inside backward; this call only closes the step.
+            self._backward_stepper.close_step()
+            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad if p.grad is not None else _int8_grad(p)
                 if grad is not None:
                     self._step_param(p, grad, group)
+                elif "window_grad" in self.state.get(p, {}):  # Grass's sparse weight gradient
+                    state = self.state[p]
+                    self._step_param(p, None, group, window=state.pop("window_grad"),
+                                     refreshed=state.pop("window_refreshed"))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -143,23 +153,101 @@ class SubspaceOptimizer(Optimizer):
                 if layer is not None:
                     layer.weight_grad = None
 
-    def _step_param(self, p: Tensor, grad: Tensor, group: dict) -> None:
-        """Update one parameter from ``grad``; the unit that per-layer stepping will call."""
-        self._check_grad(p, grad)
+    def projects(self, p: Tensor, group: dict) -> bool:
+        """Whether ``p`` is updated in a subspace (its group has ``rank`` and it is a matrix)."""
+        return "rank" in group and p.dim() >= 2
+
+    def _step_param(
+        self, p: Tensor, grad: Tensor | None, group: dict, *, window: Tensor | None = None,
+        refreshed: bool = False,
+    ) -> None:
+        """Update one parameter from ``grad``; the unit that per-layer stepping calls.
+
+        ``window``: for a projected parameter, the projected gradient accumulated over a
+        gradient-accumulation window (see :meth:`_accumulate_projected`); ``grad`` is then
+        the window's last micro-batch, used only by projectors that learn from it, and
+        ``refreshed`` says whether the window began with a refresh. ``grad`` may be ``None``
+        when only the projected gradient was ever formed (Grass's sparse compute path).
+        """
+        if grad is not None:
+            self._check_grad(p, grad)
         state = self.state[p]
         step = state.get("step", 0)
         layer = int8_layer_of(p)
         # The float tensor the update is applied to: the parameter itself, or the
         # dequantised weight of an INT8 layer (stored back with stochastic rounding).
         target = p if layer is None else layer.dequantized_weight()
-        if "rank" in group and p.dim() >= 2:
-            self._step_projected(p, target, grad, group, state, step)
+        if self.projects(p, group):
+            if window is None:
+                parts = self._projected_gradient(p, grad, group, state, step, start=True)
+            else:
+                parts = self._subspace(p, grad, group, state) + (window, refreshed)
+            self._finish_projected(target, parts, group, state, step)
         else:
             rule = self._rule(grad, state, group, step, target)
             self._apply(target, rule, 1.0, lambda alpha: target.add_(rule.direction, alpha=alpha))
         if layer is not None:
             layer.store_weight_(target, self._rounding_generator(p, state, step))
         state["step"] = step + 1
+
+    def _subspace(self, p: Tensor, grad: Tensor, group: dict, state: dict) -> tuple:
+        """(projector, G as a matrix, side, current basis) of a projected parameter."""
+        projector = get_projector(group["projector"])
+        # Without a full gradient (Grass's sparse path) the weight stands in for its shape.
+        g = (grad if grad is not None else p.detach()).reshape(matrix_shape(p.shape))
+        side = resolve_side(g.shape, group["proj_type"])
+        if "step" not in state:
+            projector.init_state(state, self._param_index(p), group)
+            state["step"] = 0
+        return projector, g, side, None
+
+    def _projected_gradient(
+        self, p: Tensor, grad: Tensor, group: dict, state: dict, step: int, start: bool
+    ) -> tuple:
+        """Project ``grad``; at the ``start`` of a step (or window) refresh first if due."""
+        projector, g, side, _ = self._subspace(p, grad, group, state)
+        refreshed = start and projector.needs_refresh(state, step, group)
+        basis, low = self._project(projector, state, g, side, group, refreshed)
+        return projector, g, side, basis, low, refreshed
+
+    def _accumulate_projected(self, p: Tensor, grad: Tensor, group: dict, start: bool) -> None:
+        """Add ``grad``, projected, to the window's accumulator ``state["window_grad"]``
+        (r x n or m x r). The window's subspace is fixed by its first micro-batch
+        (``start``), where a due refresh happens; the full gradient is not kept."""
+        state = self.state[p]
+        parts = self._projected_gradient(p, grad, group, state, state.get("step", 0), start)
+        low, refreshed = parts[4], parts[5]
+        if start:
+            state["window_grad"] = low  # a new tensor: projections never alias the gradient
+            state["window_refreshed"] = refreshed
+        else:
+            state["window_grad"].add_(low)
+
+    def _add_projected_gradient(self, p: Tensor, low: Tensor) -> None:
+        """Deposit a gradient that arrives already projected (Grass's sparse compute path)
+        into the window accumulator, where ``step`` (or the backward stepper) takes it."""
+        state = self.state[p]
+        if "window_grad" in state:
+            state["window_grad"].add_(low)
+        else:
+            state["window_grad"] = low
+            state["window_refreshed"] = False
+
+    def _finish_projected(self, target: Tensor, parts: tuple, group: dict, state: dict,
+                          step: int) -> None:
+        projector, g, side, basis, low, refreshed = parts
+        if basis is None:
+            basis = projector.basis(state, side, g, group)
+        matrix = (target if target.is_contiguous() else target.contiguous()).view(g.shape)
+        rule = self._rule(low, state, group, step, matrix)
+
+        def add_back(alpha: float) -> None:
+            projector.add_back_(basis, rule.direction, side, matrix, alpha)
+
+        self._apply(matrix, rule, group["scale"], add_back)
+        if matrix.data_ptr() != target.data_ptr():
+            target.copy_(matrix.view_as(target))
+        projector.after_update(state, g, side, basis, group, refreshed)
 
     def _rounding_generator(self, p: Tensor, state: dict, step: int) -> torch.Generator:
         """A generator for this step's stochastic rounding, derived from a per-parameter seed
@@ -181,27 +269,6 @@ class SubspaceOptimizer(Optimizer):
                 f"(parameter of shape {tuple(p.shape)}, dtype {p.dtype}); "
                 "optimize torch.view_as_real(p) instead"
             )
-
-    def _step_projected(
-        self, p: Tensor, target: Tensor, grad: Tensor, group: dict, state: dict, step: int
-    ) -> None:
-        projector = get_projector(group["projector"])
-        g = grad.reshape(matrix_shape(p.shape))
-        side = resolve_side(g.shape, group["proj_type"])
-        if "step" not in state:
-            projector.init_state(state, self._param_index(p), group)
-        refreshed = projector.needs_refresh(state, step, group)
-        basis, low = self._project(projector, state, g, side, group, refreshed)
-        matrix = (target if target.is_contiguous() else target.contiguous()).view(g.shape)
-        rule = self._rule(low, state, group, step, matrix)
-
-        def add_back(alpha: float) -> None:
-            projector.add_back_(basis, rule.direction, side, matrix, alpha)
-
-        self._apply(matrix, rule, group["scale"], add_back)
-        if matrix.data_ptr() != target.data_ptr():
-            target.copy_(matrix.view_as(target))
-        projector.after_update(state, g, side, basis, group, refreshed)
 
     def _param_index(self, p: Tensor) -> int:
         params = chain.from_iterable(g["params"] for g in self.param_groups)

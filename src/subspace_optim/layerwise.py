@@ -1,0 +1,180 @@
+"""Per-layer updates inside backward: each parameter steps as soon as its gradient is
+accumulated, and its gradient is freed at once, so the model's full gradient is never held.
+
+One optimizer object stays the single source of truth (its ``state_dict`` holds every
+parameter's state, an ordinary LR scheduler drives its groups), unlike the per-parameter
+optimizers and schedulers of the reference code and of transformers' layer-wise mode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._validate import check_positive_int
+from .nn.int8_linear import int8_layer_of
+from .optim.base import SubspaceOptimizer
+
+CLIP_MODES = ("global", "per_parameter")
+
+
+class BackwardStepper:
+    """The handle returned by :func:`step_in_backward`; see its docstring."""
+
+    def __init__(self, optimizer: SubspaceOptimizer, accumulation_steps: int,
+                 max_grad_norm: float | None, clip: str) -> None:
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.clip = clip
+        self.grad_norm: Tensor | None = None  # total norm of the last closed step
+        self._norm_sq: Tensor | None = None  # accumulating for the step in progress
+        self._handles: list[Any] = []
+        self._group_index: dict[int, int] = {}
+        for index, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                self._group_index[id(p)] = index
+                layer = int8_layer_of(p)
+                if layer is not None:
+                    layer.weight_grad_hook = lambda grad, p=p: self._on_grad(p, grad)
+                elif p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_param))
+
+    # ------------------------------------------------------------------ hooks
+    def _on_param(self, p: Tensor) -> None:
+        # The hook also fires when a function returned no gradient for the leaf (GrassLinear
+        # hands its rows over directly); there is nothing to accumulate then.
+        if p.grad is not None:
+            self._on_grad(p, p.grad)
+
+    @torch.no_grad()
+    def _on_grad(self, p: Tensor, grad: Tensor) -> None:
+        opt = self.optimizer
+        group = opt.param_groups[self._group_index[id(p)]]
+        state = opt.state[p]
+        k = self.accumulation_steps
+        micro = state.get("micro_step", 0) + 1
+        last = micro == k
+        state["micro_step"] = 0 if last else micro
+        if opt.projects(p, group) and k > 1:
+            opt._accumulate_projected(p, grad, group, start=micro == 1)
+            _release(p)
+            if last:
+                window = state.pop("window_grad")
+                refreshed = state.pop("window_refreshed")
+                window = self._clipped(window)
+                opt._step_param(p, grad, group, window=window, refreshed=refreshed)
+            return
+        if not last:  # a full-rank parameter accumulates in .grad as usual
+            return
+        opt._step_param(p, self._clipped(grad), group)
+        _release(p)
+
+    @torch.no_grad()
+    def on_projected_gradient(self, p: Tensor) -> None:
+        """A projected gradient was added to ``p``'s window by a layer that never formed the
+        full one (Grass's sparse path): count the micro-batch and step at the window's end."""
+        opt = self.optimizer
+        state = opt.state[p]
+        micro = state.get("micro_step", 0) + 1
+        if micro < self.accumulation_steps:
+            state["micro_step"] = micro
+            return
+        state["micro_step"] = 0
+        window = self._clipped(state.pop("window_grad"))
+        opt._step_param(p, None, opt.param_groups[self._group_index[id(p)]], window=window,
+                        refreshed=state.pop("window_refreshed"))
+
+    def _clipped(self, grad: Tensor) -> Tensor:
+        """Record the gradient's norm for the step and clip it: per parameter by its own
+        norm, or globally by the previous step's total norm (the current total is only
+        known once backward has finished, after every parameter has stepped)."""
+        # At least fp32 (bf16 gradients), never below the gradient's own precision.
+        norm = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
+        self._norm_sq = norm.square() if self._norm_sq is None else self._norm_sq + norm.square()
+        if self.max_grad_norm is None:
+            return grad
+        reference = norm if self.clip == "per_parameter" else self.grad_norm
+        if reference is None:  # first step of global clipping: no previous norm yet
+            return grad
+        factor = (self.max_grad_norm / (reference + 1e-6)).clamp(max=1.0)
+        return grad * factor.to(grad.dtype)
+
+    # ------------------------------------------------------------------ control
+    def close_step(self) -> None:
+        """Called by ``optimizer.step()``: the step's total gradient norm becomes
+        ``grad_norm`` (and the reference for global clipping of the next step)."""
+        if self._norm_sq is not None:
+            self.grad_norm = self._norm_sq.sqrt()
+            self._norm_sq = None
+
+    def remove(self) -> None:
+        """Detach the hooks: ``optimizer.step()`` updates parameters again."""
+        for handle in self._handles:
+            handle.remove()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                layer = int8_layer_of(p)
+                if layer is not None:
+                    layer.weight_grad_hook = None
+        self._handles.clear()
+        self.optimizer._backward_stepper = None
+
+
+def _release(p: Tensor) -> None:
+    layer = int8_layer_of(p)
+    if layer is not None:
+        layer.weight_grad = None
+    else:
+        p.grad = None
+
+
+def step_in_backward(
+    optimizer: SubspaceOptimizer,
+    accumulation_steps: int = 1,
+    *,
+    max_grad_norm: float | None = None,
+    clip: str = "global",
+) -> BackwardStepper:
+    """Update every parameter of ``optimizer`` inside backward, as soon as its gradient is
+    ready, and free that gradient.
+
+    accumulation_steps: with ``k > 1`` a parameter steps once every ``k`` backward passes.
+        Projected parameters accumulate the *projected* gradient (r x n or m x r) in the
+        optimizer state, in a subspace fixed at the window's first micro-batch (where a due
+        refresh happens); their full gradient never outlives its hook. Other parameters
+        accumulate in ``.grad`` as usual.
+    max_grad_norm, clip: gradient clipping that works in this mode: ``"per_parameter"``
+        clips each parameter's (window) gradient to ``max_grad_norm``; ``"global"`` scales
+        every gradient of a step by ``min(1, max_grad_norm / norm)`` where ``norm`` is the
+        previous step's total norm, an approximation (the current total is only known after
+        every parameter has stepped); the first step is not clipped. For projected
+        parameters with ``k > 1`` the norm is taken in the subspace (at most the full norm).
+
+    In this mode ``optimizer.step()`` does not touch the parameters: it closes the step, and
+    the step's total gradient norm appears as ``handle.grad_norm`` (a tensor, for logs).
+    Call it once per optimization step, as in an ordinary loop, and keep calling your LR
+    scheduler's ``step()`` after it. ``optimizer.zero_grad()`` is harmless (gradients are
+    already freed). ``optimizer.state_dict()`` holds every parameter's state, including a
+    window in progress. ``handle.remove()`` restores ordinary stepping.
+    """
+    if not isinstance(optimizer, SubspaceOptimizer):
+        raise TypeError(
+            f"step_in_backward needs an optimizer of subspace_optim, got {type(optimizer).__name__}"
+        )
+    check_positive_int({"accumulation_steps": accumulation_steps}, "accumulation_steps")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"Invalid clip: {clip!r} (expected one of {CLIP_MODES})")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                          and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be a number > 0)")
+    if optimizer._backward_stepper is not None:
+        raise RuntimeError(
+            "step_in_backward is already active on this optimizer; remove() it first"
+        )
+    stepper = BackwardStepper(optimizer, accumulation_steps, max_grad_norm, clip)
+    optimizer._backward_stepper = stepper
+    return stepper
