@@ -74,12 +74,12 @@ def _loss(model, tokens):
 
 
 def _train(model, opt, steps, k=1, layerwise=False, identical=False, scheduler=None, start=0,
-           **stepper_kwargs):
+           check_freed=True, **stepper_kwargs):
     handle = so.step_in_backward(opt, k, **stepper_kwargs) if layerwise else None
     for step in range(start, start + steps):
         for micro in range(k):
             _loss(model, _batch(step, micro, identical)).backward()
-            if layerwise:
+            if layerwise and check_freed:
                 for name, m in model.named_modules():
                     if name.endswith("_proj"):
                         assert m.weight.grad is None, name  # freed inside backward
@@ -127,6 +127,16 @@ def test_accumulation_is_exact_when_the_subspace_does_not_depend_on_the_gradient
     ordinary, layerwise = _model(dtype=torch.float64), _model(dtype=torch.float64)
     _train(ordinary, so.FloraAdamW(_groups(ordinary), lr=3e-3), 30, k=4)
     _train(layerwise, so.FloraAdamW(_groups(layerwise), lr=3e-3), 30, k=4, layerwise=True)
+    _assert_same(ordinary, layerwise, atol=1e-8)
+
+
+def test_flora_adafactor_accumulates_full_gradients():
+    """FloraAdafactor compresses only its momentum: in a window it accumulates full
+    gradients like any full-rank parameter, so k=3 is exactly the ordinary loop (float64)."""
+    ordinary, layerwise = _model(dtype=torch.float64), _model(dtype=torch.float64)
+    _train(ordinary, so.FloraAdafactor(_groups(ordinary, rank=8), lr=1e-2, kappa=4), 10, k=3)
+    _train(layerwise, so.FloraAdafactor(_groups(layerwise, rank=8), lr=1e-2, kappa=4), 10, k=3,
+           layerwise=True, check_freed=False)
     _assert_same(ordinary, layerwise, atol=1e-8)
 
 

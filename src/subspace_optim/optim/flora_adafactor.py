@@ -68,6 +68,10 @@ class FloraAdafactor(SubspaceAdafactor):
             relative_step, warmup_init, projector=_FLORA, state_bits=None, extra_defaults=extra,
         )
 
+    def projects(self, p: Tensor, group: dict) -> bool:
+        # Flora compresses the momentum only; it takes (and accumulates) full gradients.
+        return False
+
     @staticmethod
     def _compressed(group: dict, shape: torch.Size, factored: bool) -> bool:
         beta1 = group["beta1"]
