@@ -1,0 +1,74 @@
+"""The ``subspace-optim`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Memory-efficient low-rank optimizers: train LLaMA models with GaLore and successors.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """subspace-optim: pretraining and fine-tuning with subspace optimizers."""
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Argument(
+        help="A train config: a name in [bold]configs/train/[/bold] or a YAML path.")] = "default",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a value: [bold]section.key=value[/bold] (YAML), repeatable.")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the run in this directory from its latest checkpoint.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a language model. With no argument: the tiny LLaMA on the Python standard
+    library, with GaLore, on the CPU in a few minutes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError, RunConfig, load_config
+    from .train.deps import MissingDependency
+    from .train.loop import run_directory
+    from .train.loop import train as run
+    from .train.report import plot_losses, summary_rows
+
+    console = Console()
+    try:
+        if resume is not None:
+            saved = json.loads((resume / "config.json").read_text())
+            cfg = load_config(None)
+            from .train.config import _merge
+
+            _merge(cfg, saved, "", str(resume / "config.json"))
+            run_dir = resume
+        else:
+            cfg = load_config(config, set_ or [])
+            run_dir = run_directory(cfg, Path(config).stem)
+        console.print(f"[bold]run[/bold] {run_dir}  optimizer [bold]{cfg.optimizer.name}[/bold]"
+                      f"  model [bold]{cfg.model}[/bold]  data [bold]{cfg.data.source}[/bold]")
+        result = run(cfg, run_dir, resume=resume is not None, progress=progress)
+    except (ConfigError, CheckpointError, MissingDependency, FileNotFoundError) as error:
+        console.print(f"[bold red]error:[/bold red] {error}")
+        raise typer.Exit(2) from None
+    assert isinstance(cfg, RunConfig)
+    plot = plot_losses(run_dir)
+    table = Table(title="summary", show_header=False)
+    for key, value in summary_rows(run_dir):
+        table.add_row(key, value)
+    console.print(table)
+    console.print(f"loss curves: {plot}")
+    if result.interrupted:
+        console.print(f"[yellow]stopped at step {result.steps}; continue with[/yellow] "
+                      f"subspace-optim train --resume {run_dir}")

@@ -1,0 +1,1 @@
+"""The pretraining command (``subspace-optim train``): configs, data, model, loop."""

@@ -1,0 +1,213 @@
+"""Run configuration: typed sections loaded from YAML, overridden by ``--set key=value``.
+
+Unknown keys and values of the wrong type are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 344
+    max_position_embeddings: int = 1024
+    rms_norm_eps: float = 1e-6
+    # A local Hugging Face checkpoint directory to fine-tune instead of a fresh model.
+    pretrained: str | None = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | files | hub
+    paths: list[str] = field(default_factory=list)  # files: paths or globs (.txt .jsonl .parquet)
+    hub_name: str | None = None  # hub: e.g. allenai/c4
+    hub_config: str | None = None  # hub: e.g. en
+    text_field: str = "text"
+    tokenizer: str | None = None  # a local tokenizer directory; None: train a byte-level BPE
+    vocab_size: int = 2048
+    seq_len: int = 128
+    max_train_bytes: int = 4_000_000
+    max_val_bytes: int = 400_000
+    cache_dir: str | None = None  # default: ~/.cache/subspace_optim
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "GaLoreAdamW"  # any optimizer class of subspace_optim
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
+    group: dict[str, Any] = field(default_factory=dict)  # keys of the projected group
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    batch_size: int = 16
+    accumulation_steps: int = 1
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    dtype: str = "fp32"  # fp32 | bf16 | autocast
+    layerwise: bool = False
+    int8_weights: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str | None = None  # default: <train config name>-<timestamp>
+
+
+@dataclass
+class RunConfig:
+    model: str = "tiny"  # configs/model/<name>.yaml, or a path to one
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.source": ("stdlib", "files", "hub"),
+    "training.dtype": ("fp32", "bf16", "autocast"),
+}
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, where)
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"{where}: {key} must be {getattr(hint, '__name__', hint)}, got {value!r}"
+    )
+
+
+def _merge(obj: Any, data: dict, prefix: str, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'the file'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {full!r} (known: {sorted(fields)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{full}.", where)
+            continue
+        value = _coerce(value, hints[key], full, where)
+        if full in CHOICES and value not in CHOICES[full]:
+            raise ConfigError(f"{where}: {full} must be one of {CHOICES[full]}, got {value!r}")
+        setattr(obj, key, value)
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _resolve(name_or_path: str, kind: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"{kind} config file not found: {path}")
+        return path
+    candidate = CONFIG_ROOT / kind / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
+        raise ConfigError(f"unknown {kind} config {name_or_path!r} (known: {known})")
+    return candidate
+
+
+def load_config(train: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The run configuration: defaults, then the train config (``configs/train/<name>.yaml``
+    or a path; ``default`` when None), then its model config, then ``overrides`` as
+    ``section.key=value`` (values parsed as YAML)."""
+    import yaml
+
+    cfg = RunConfig()
+    train_path = _resolve(train or "default", "train")
+    data = _read_yaml(train_path)
+    _merge(cfg, data, "", str(train_path))
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    for key, value in parsed:  # the model name may itself be overridden
+        if key == "model":
+            _merge(cfg, {"model": value}, "", "--set")
+    model_path = _resolve(cfg.model, "model")
+    _merge(cfg.model_config, _read_yaml(model_path), "model_config.", str(model_path))
+    if "model_config" in data:
+        _merge(cfg, {"model_config": data["model_config"]}, "", str(train_path))
+    for key, value in parsed:
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(cfg, nested, "", "--set")
+    return cfg

@@ -1,0 +1,20 @@
+"""Optional dependencies of the training command, with an error that names the extra."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class MissingDependency(ImportError):
+    pass
+
+
+def require(module: str, extra: str = "train") -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(
+            f"{module} is needed for this and is not installed: "
+            f"pip install 'subspace-optim[{extra}]'"
+        ) from None

@@ -1,0 +1,243 @@
+"""The training loop of ``subspace-optim train``."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..layerwise import step_in_backward
+from ..memory import optimizer_state_bytes
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig
+from .data import prepare
+from .model import build_model, build_optimizer
+
+OOM_ADVICE = (
+    "out of memory. Settings that lower memory: a smaller optimizer.group.rank, "
+    "optimizer.name=GaLoreAdamW8bit (8-bit states), training.layerwise=true (no full "
+    "gradient), training.int8_weights=true, training.activation_checkpointing=true, a "
+    "smaller training.batch_size with more training.accumulation_steps, training.dtype=bf16"
+)
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at the last step."""
+    t = cfg.training
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine
+
+
+def token_losses(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over the batch, number of predicted tokens)."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    targets = batch[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           reduction="sum")
+    return loss, targets.numel()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int, batches: int,
+             device: torch.device, autocast) -> tuple[float, float]:
+    """Validation loss and perplexity exp(total token loss / token count) over the first
+    ``batches`` batches (every token weighs the same; no off-by-one in the count)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(min(batches, math.ceil(sequences.shape[0] / batch_size))):
+        chunk = sequences[i * batch_size : (i + 1) * batch_size].to(device)
+        with autocast():
+            loss, n = token_losses(model, chunk)
+        total += loss.item()
+        count += n
+    model.train(was_training)
+    mean = total / count
+    return mean, math.exp(mean)
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if cfg.training.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.training.device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    first_val_ppl: float
+    final_val_ppl: float
+    interrupted: bool = False
+
+
+def run_directory(cfg: RunConfig, config_name: str) -> Path:
+    name = cfg.output.name or f"{config_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    path = Path(cfg.output.dir) / name
+    if (path / "checkpoints").exists():
+        raise ConfigError(f"{path} already holds a run; resume it with --resume {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> RunResult:
+    """Train as ``cfg`` says, writing into ``run_dir``. ``stop_after`` ends the run after that
+    many steps with a checkpoint, as an interruption would (used by tests)."""
+    t = cfg.training
+    device = _device(cfg)
+    torch.manual_seed(t.seed)
+    tok, batches, val = prepare(cfg.data, t.seed, t.batch_size)
+    model = build_model(cfg, tok.get_vocab_size())
+    if t.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    model = model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    stepper = None
+    if t.layerwise:
+        stepper = step_in_backward(optimizer, t.accumulation_steps,
+                                   max_grad_norm=t.max_grad_norm)
+    forward_model = torch.compile(model) if t.compile else model
+
+    def autocast():
+        if t.dtype == "autocast":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    step, history = 0, {"val": []}
+    if resume:
+        ckpt = load_checkpoint(run_dir / "checkpoints")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        step, history = ckpt["step"], ckpt["history"]
+    else:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir / "checkpoints", step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+            "history": history, "config": cfg.to_dict(),
+        })
+
+    def evaluate_now() -> None:
+        loss, ppl = evaluate(forward_model, val, t.batch_size, t.eval_batches, device, autocast)
+        history["val"].append({"step": step, "val_loss": loss, "val_ppl": ppl})
+        _log(metrics, {"step": step, "val_loss": loss, "val_ppl": ppl})
+
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        bar = _Progress(t.steps, step, enabled=progress)
+        interrupted = False
+        try:
+            if not history["val"]:
+                evaluate_now()
+            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            end = t.steps if stop_after is None else min(t.steps, step + stop_after)
+            while step < end:
+                loss_sum = 0.0
+                for micro in range(t.accumulation_steps):
+                    batch = batches[step * t.accumulation_steps + micro].to(device)
+                    with autocast():
+                        loss, n = token_losses(forward_model, batch)
+                    mean = loss / n
+                    (mean / t.accumulation_steps).backward()
+                    loss_sum += mean.item() / t.accumulation_steps
+                    window_tokens += n
+                if stepper is None:
+                    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                                 if t.max_grad_norm else None)
+                    optimizer.step()
+                else:
+                    optimizer.step()  # closes the step: parameters already moved in backward
+                    grad_norm = stepper.grad_norm
+                optimizer.zero_grad()
+                scheduler.step()
+                step += 1
+                window_loss += loss_sum
+                bar.update(step, loss_sum)
+                if step % t.log_every == 0 or step == end:
+                    elapsed = time.perf_counter() - window_start
+                    done = step % t.log_every or t.log_every
+                    _log(metrics, {
+                        "step": step, "loss": window_loss / done,
+                        "lr": scheduler.get_last_lr()[-1],
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "tokens_per_s": window_tokens / elapsed,
+                        "peak_memory_bytes": _peak_memory(device),
+                        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                    })
+                    bar.tokens_per_s = window_tokens / elapsed
+                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                if step % t.eval_every == 0 or step == t.steps:
+                    evaluate_now()
+                if step % t.checkpoint_every == 0 and step < end:
+                    checkpoint()
+        except KeyboardInterrupt:
+            interrupted = True
+        except torch.cuda.OutOfMemoryError:
+            raise SystemExit(f"CUDA {OOM_ADVICE}") from None
+        finally:
+            bar.close()
+    checkpoint()
+    if stepper is not None:
+        stepper.remove()
+    return RunResult(run_dir, step, history["val"][0]["val_ppl"], history["val"][-1]["val_ppl"],
+                     interrupted or step < t.steps)
+
+
+def _log(handle, record: dict[str, Any]) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+
+
+class _Progress:
+    """A rich progress bar with the live loss and throughput (nothing when disabled)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.tokens_per_s = 0.0
+        self._bar = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("loss {task.fields[loss]:.4f}"),
+                             TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeRemainingColumn())
+        self._task = self._bar.add_task("train", total=total, completed=start, loss=float("nan"),
+                                        tps=0.0)
+        self._bar.start()
+
+    def update(self, step: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, loss=loss, tps=self.tokens_per_s)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

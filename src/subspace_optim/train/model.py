@@ -1,0 +1,86 @@
+"""The model: transformers' LlamaForCausalLM built from a config (nothing downloaded) or
+loaded from a local checkpoint directory; optional INT8 weights."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..nn import quantize_linear_layers
+from .config import ConfigError, RunConfig
+from .deps import require
+
+
+def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
+    transformers = require("transformers")
+    mc = cfg.model_config
+    if mc.pretrained:
+        if not Path(mc.pretrained).is_dir():
+            raise ConfigError(f"model_config.pretrained: {mc.pretrained} is not a directory")
+        model = transformers.LlamaForCausalLM.from_pretrained(mc.pretrained)
+    else:
+        if mc.hidden_size % mc.num_attention_heads:
+            raise ConfigError(
+                f"model_config: hidden_size {mc.hidden_size} is not divisible by "
+                f"num_attention_heads {mc.num_attention_heads}"
+            )
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=mc.hidden_size,
+            intermediate_size=mc.intermediate_size,
+            num_hidden_layers=mc.num_hidden_layers,
+            num_attention_heads=mc.num_attention_heads,
+            num_key_value_heads=mc.num_attention_heads,
+            max_position_embeddings=mc.max_position_embeddings,
+            rms_norm_eps=mc.rms_norm_eps,
+            tie_word_embeddings=False,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    if cfg.training.int8_weights:
+        quantize_linear_layers(model, cfg.optimizer.target_modules)
+    if cfg.training.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    """Two groups: the weights of ``nn.Linear`` (or INT8) modules whose name matches a target
+    pattern get the projected group's keys; everything else is updated at full rank."""
+    patterns = cfg.optimizer.target_modules
+    targets = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and \
+                any(re.search(p, name) for p in patterns) and name != "lm_head" and \
+                not isinstance(module, torch.nn.Embedding):
+            targets.append(weight)
+    if patterns and not targets:
+        raise ConfigError(f"optimizer.target_modules {patterns!r} match no linear layer")
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not t for t in targets)]
+    groups = [{"params": rest}]
+    if targets:
+        groups.append({"params": targets, **cfg.optimizer.group})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    import subspace_optim
+
+    oc = cfg.optimizer
+    cls = getattr(subspace_optim, oc.name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        known = sorted(n for n in subspace_optim.__all__ if n.endswith(("AdamW", "Adafactor",
+                                                                       "Lion", "8bit")))
+        raise ConfigError(f"optimizer.name: unknown optimizer {oc.name!r} (known: {known})")
+    kwargs = {"lr": oc.lr, **oc.kwargs}
+    if "weight_decay" in __import__("inspect").signature(cls).parameters:
+        kwargs["weight_decay"] = oc.weight_decay
+    groups = param_groups(model, cfg)
+    if "rank" not in oc.group and len(groups) > 1:
+        groups = [{"params": [p for g in groups for p in g["params"]]}]
+    try:
+        return cls(groups, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"optimizer: {error}") from None
