@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import typer
+try:
+    import typer
+except ImportError:  # the core install has no CLI dependencies
+    raise SystemExit(
+        "subspace-optim needs the training extra: pip install 'subspace-optim[train]'"
+    ) from None
 
 app = typer.Typer(
     help="Memory-efficient low-rank optimizers: train LLaMA models with GaLore and successors.",
