@@ -10,13 +10,9 @@ Writes a CSV (with the machine, commit and date) and prints a Markdown table. Th
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import platform
-import subprocess
-from pathlib import Path
 
 import torch
+from _results import write_csv
 
 import subspace_optim as so
 from subspace_optim.nn import Int8Linear
@@ -39,16 +35,6 @@ def _state_split(opt: torch.optim.Optimizer) -> tuple[int, int]:
                 else:
                     moments += _bytes(value)
     return moments, projector
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(name: str, rank: int) -> dict:
@@ -94,18 +80,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=1024)
     parser.add_argument("--out", default="benchmarks/results/memory_layer.csv")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads ({platform.system()})"
-    date = datetime.date.today().isoformat()
     rows = [measure(name, args.rank) for name in METHODS]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], "rank", "device", "commit", "date"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "rank": args.rank, "device": machine, "commit": commit,
-                             "date": date})
+    where = write_csv(args.out, [{**row, "rank": args.rank} for row in rows])
     mib = 2**20
     print(f"| method (4096 x 11008, bf16, rank {args.rank}) | weight | gradient | states "
           "| projector | total (MiB) |")
@@ -113,7 +89,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['weight'] / mib:.1f} | {r['gradient'] / mib:.1f} | "
               f"{r['states'] / mib:.1f} | {r['projector'] / mib:.2f} | {r['total'] / mib:.1f} |")
-    print(f"\nmachine: {machine}; commit {commit}; {date}")
+    print(f"\n{where}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,16 @@ def unpack_int4(packed: Tensor, numel: int) -> Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(-1)[:numel]
 
 
+def _grouped(x: Tensor, group_size: int) -> tuple[Tensor, int, Tensor, Tensor]:
+    """``x`` flattened into rows of ``group_size`` (zero-padded), its size, and each row's
+    range widened to include zero."""
+    flat = x.detach().reshape(-1).float()
+    numel = flat.numel()
+    groups = math.ceil(numel / group_size)
+    w = F.pad(flat, (0, groups * group_size - numel)).view(groups, group_size)
+    return w, numel, w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+
+
 def quantize_groupwise(
     x: Tensor, bits: int = 4, group_size: int = 256
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -50,13 +60,8 @@ def quantize_groupwise(
         raise ValueError(f"Invalid bits: {bits!r} (supported: 4, 8)")
     if group_size < 1:
         raise ValueError(f"Invalid group_size: {group_size!r} (must be >= 1)")
-    flat = x.detach().reshape(-1).float()
-    numel = flat.numel()
-    groups = math.ceil(numel / group_size)
-    w = F.pad(flat, (0, groups * group_size - numel)).view(groups, group_size)
+    w, numel, lo, hi = _grouped(x, group_size)
     qmax = 2**bits - 1
-    lo = w.amin(dim=1).clamp(max=0)
-    hi = w.amax(dim=1).clamp(min=0)
     scales = (hi - lo).clamp(min=MIN_RANGE) / qmax
     zeros = torch.round(-lo / scales).clamp(0, qmax)
     q = (torch.round(w / scales[:, None]) + zeros[:, None]).clamp(0, qmax)
@@ -77,13 +82,8 @@ def quantize_groupwise_stochastic(
     keeps ``floor`` and ``ceil`` of every value inside ``[0, 2^bits - 1]``. (Q-GaLore's
     reference uses the nearest-rounding grid and clips, which biases values near the ends.)
     """
-    flat = x.detach().reshape(-1).float()
-    numel = flat.numel()
-    groups = math.ceil(numel / group_size)
-    w = F.pad(flat, (0, groups * group_size - numel)).view(groups, group_size)
+    w, numel, lo, hi = _grouped(x, group_size)
     qmax = 2**bits - 1
-    lo = w.amin(dim=1).clamp(max=0)
-    hi = w.amax(dim=1).clamp(min=0)
     scales = (hi - lo).clamp(min=MIN_RANGE) / (qmax - 1)
     zeros = torch.ceil(-lo / scales).clamp(0, qmax - 1)
     scaled = w / scales[:, None]

@@ -1,0 +1,42 @@
+"""Shared bookkeeping of the benchmark scripts: the machine, the commit, the date, the CSV."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    return f"{name}, {torch.get_num_threads()} threads ({platform.system()})"
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def write_csv(path: str, rows: list[dict]) -> str:
+    """Write ``rows`` with machine, commit and date columns; return a one-line provenance."""
+    info = {"device": machine(), "commit": commit(), "date": datetime.date.today().isoformat()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], *info])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **info})
+    return f"{info['device']}; commit {info['commit']}; {info['date']}"
