@@ -20,8 +20,10 @@ def adamw_reference(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    correct_bias: bool = True,
 ) -> Tensor:
-    """torch.optim.AdamW's documented algorithm (Loshchilov & Hutter), bias-corrected."""
+    """torch.optim.AdamW's documented algorithm (Loshchilov & Hutter), bias-corrected unless
+    ``correct_bias`` is False (transformers' flag: the raw moments are used)."""
     beta1, beta2 = betas
     w = w0.clone()
     m = torch.zeros_like(w)
@@ -30,8 +32,8 @@ def adamw_reference(
         w = w * (1 - lr * weight_decay)
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
-        m_hat = m / (1 - beta1**t)
-        v_hat = v / (1 - beta2**t)
+        m_hat = m / (1 - beta1**t) if correct_bias else m
+        v_hat = v / (1 - beta2**t) if correct_bias else v
         w = w - lr * m_hat / (v_hat.sqrt() + eps)
     return w
 
@@ -178,11 +180,14 @@ def dct_adamw_reference(w0, grads, *, rank, gap, lr, betas, eps, weight_decay, r
 
 
 # --------------------------------------------------------------------------- OSD
-def osd_reference(w0, grads, *, rank, gap, scale, lr, eps, weight_decay):
+def osd_reference(w0, grads, *, rank, gap, scale, lr, eps, weight_decay, paper=False,
+                  ortho_penalty=0.1, lr_ratio=5.0):
     """Online Subspace Descent as its reference code runs it: SVD basis at step 0; each later
     step projects with P_t, back-projects, then takes one torch.optim.AdamW step (lr 1/T,
     its default weight decay 0.01) on ||A P^T P - A||^2 (right) / ||P P^T A - A||^2 (left)
-    computed by autograd, A = G / ||G||. W's rule is galore-torch's AdamW."""
+    computed by autograd, A = G / ||G||. W's rule is galore-torch's AdamW. ``paper``:
+    Algorithm 1 instead: the loss adds ortho_penalty * ||P P^T - I||^2 (P^T P on the left),
+    P's AdamW has lr lr_ratio * lr and W's weight decay."""
     side = _side(tuple(w0.shape))
     w = w0.clone()
     p = p_opt = m = v = None
@@ -190,7 +195,8 @@ def osd_reference(w0, grads, *, rank, gap, scale, lr, eps, weight_decay):
         if p is None:
             u, _, vh = torch.linalg.svd(g, full_matrices=False)
             p = (vh[:rank] if side == "right" else u[:, :rank]).clone().requires_grad_(False)
-            p_opt = torch.optim.AdamW([p], lr=1 / gap)
+            p_opt = (torch.optim.AdamW([p], lr=lr_ratio * lr, weight_decay=weight_decay)
+                     if paper else torch.optim.AdamW([p], lr=1 / gap))
             pca_grad = None
         else:
             with torch.enable_grad():
@@ -198,6 +204,9 @@ def osd_reference(w0, grads, *, rank, gap, scale, lr, eps, weight_decay):
                 a = g / g.norm()
                 recon = a @ pv.T @ pv if side == "right" else pv @ pv.T @ a
                 loss = (recon - a).norm() ** 2
+                if paper:
+                    gram = pv @ pv.T if side == "right" else pv.T @ pv
+                    loss = loss + ortho_penalty * (gram - torch.eye(rank)).norm() ** 2
                 (pca_grad,) = torch.autograd.grad(loss, pv)
         r = _project(p, g, side)
         if m is None:
@@ -395,8 +404,8 @@ def lion_reference(w0, grads, *, lr, betas, weight_decay, rank=None, gap=None, s
 
 
 def adafactor_reference(w0, grads, *, lr, beta1, relative_step, scale_parameter,
-                        weight_decay=0.0, eps=(1e-30, 1e-3), clip=1.0, decay_rate=-0.8,
-                        rank=None, gap=None, scale=1.0):
+                        warmup_init=False, weight_decay=0.0, eps=(1e-30, 1e-3), clip=1.0,
+                        decay_rate=-0.8, rank=None, gap=None, scale=1.0):
     """Adafactor as transformers defines it (factored second moment for matrices), optionally
     on GaLore's projected gradient with the update back-projected times ``scale``."""
     side = _side(tuple(w0.shape)) if w0.dim() == 2 else None
@@ -407,7 +416,7 @@ def adafactor_reference(w0, grads, *, lr, beta1, relative_step, scale_parameter,
             u, _, vh = torch.linalg.svd(g, full_matrices=False)
             p = vh[:rank] if side == "right" else u[:, :rank]
         r = g if rank is None else _project(p, g, side)
-        rho = min(1e-2, 1 / math.sqrt(t)) if relative_step else lr
+        rho = min(1e-6 * t if warmup_init else 1e-2, 1 / math.sqrt(t)) if relative_step else lr
         rms_w = (w.norm() / math.sqrt(w.numel())).item()
         lr_t = max(eps[1], rms_w) * rho if scale_parameter else rho
         b2 = 1 - t**decay_rate

@@ -55,6 +55,21 @@ def test_rule_matches_readable_reference():
     torch.testing.assert_close(p.detach(), adamw_reference(w0, grads, **hp), atol=ATOL, rtol=0)
 
 
+def test_without_bias_correction_matches_reference():
+    w0 = torch.randn(7, 3)
+    grads = gradient_stream((7, 3), 50, seed=2)
+    hp = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05}
+    p = torch.nn.Parameter(w0.clone())
+    opt = SubspaceAdamW([p], correct_bias=False, **hp)
+    for g in grads:
+        p.grad = g
+        opt.step()
+    ref = adamw_reference(w0, grads, correct_bias=False, **hp)
+    torch.testing.assert_close(p.detach(), ref, atol=ATOL, rtol=0)
+    biased = adamw_reference(w0, grads, **hp)
+    assert (ref - biased).abs().max() > 100 * ATOL  # the flag changes the result
+
+
 def test_zero_size_and_scalar_parameters():
     """Edge shapes torch's own optimizer tests use: an empty and a 0-d parameter."""
     empty = torch.nn.Parameter(torch.zeros(0, 4))

@@ -254,3 +254,20 @@ def test_per_parameter_projector_state_bounds():
     assert q <= 0.5 * elements + scale_bytes + lazy_refresh_bookkeeping
     galore, _ = _projector_bytes(so.GaLoreAdamW)
     assert galore == rank * 512 * 4 and q < galore / 7
+
+
+def test_q_galore_cos_abs_counts_a_sign_flip_as_similar():
+    """An SVD may return -v for an unchanged subspace. The reference's signed cosine counts
+    that as -1 (dissimilar); cos_abs=True counts it as +1, so the gap doubles."""
+    from subspace_optim.projectors import QGaLoreProjector
+
+    v = torch.randn(16)
+    for cos_abs, expected_gap in ((False, 10), (True, 20)):
+        state = {"proj_gap": torch.tensor(10), "proj_queue": torch.zeros(2),
+                 "proj_queue_len": torch.tensor(0)}
+        group = {"cos_abs": cos_abs, "cos_threshold": 0.4, "gamma_proj": 2}
+        for _ in range(2):
+            QGaLoreProjector._observe(state, v, -v, group)
+        expected_cos = 1.0 if cos_abs else -1.0
+        assert state["proj_queue"].tolist() == pytest.approx([expected_cos] * 2)
+        assert int(state["proj_gap"]) == expected_gap

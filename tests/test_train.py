@@ -228,3 +228,14 @@ def test_the_default_run_halves_validation_perplexity_early(tmp_path):
                              "training.eval_batches=4", "training.warmup_steps=10"])
     result = loop.train(cfg, loop.run_directory(cfg, "default"), progress=False)
     assert result.final_val_ppl <= 0.5 * result.first_val_ppl, result
+
+
+@pytest.mark.parametrize("extra", [
+    ["training.dtype=bf16", "training.activation_checkpointing=true"],
+    ["training.dtype=autocast"],
+], ids=["bf16-checkpointing", "autocast"])
+def test_precision_and_activation_checkpointing_runs(tiny, extra):
+    cfg = tiny("training.steps=3", *extra)
+    result = loop.train(cfg, loop.run_directory(cfg, "p"), progress=False)
+    assert result.steps == 3 and math.isfinite(result.final_val_ppl)
+    assert result.final_val_ppl < result.first_val_ppl

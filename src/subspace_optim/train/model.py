@@ -41,7 +41,10 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
     if cfg.training.int8_weights:
         quantize_linear_layers(model, cfg.optimizer.target_modules)
     if cfg.training.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed the switch; older releases only have the first name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or \
+            model.gradient_checkpointing_enable
+        enable()
     return model
 
 
