@@ -97,6 +97,22 @@ def galore_adamw_reference(
     return w
 
 
+def distill(model, teacher, opt, steps: int, batch: int, dim: int, seed: int = 1) -> list[float]:
+    """Train ``model`` to match ``teacher`` on Gaussian inputs (seeded); the step losses."""
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(batch, dim, generator=gen)
+        with torch.no_grad():
+            y = teacher(x)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def gradient_stream(shape: tuple[int, ...], steps: int, seed: int) -> list[Tensor]:
     """Gradients with a slowly drifting dominant low-rank part plus noise, like a real
     layer's, so that the top singular subspace is well separated and changes over time."""

@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from references import distill
 
 import subspace_optim as so
 from subspace_optim.nn import (
@@ -108,18 +109,7 @@ def _train_llama_mlp(int8, steps=150, lr=3e-3, nearest=False):
     proj = [m.weight for n, m in model.named_modules() if n.endswith("_proj")]
     opt = so.QGaLoreAdamW8bit([{"params": proj, "rank": 32, "update_proj_gap": 50,
                                 "scale": 1.0}], lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(32, 64, generator=gen)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, model, opt
+    return distill(model, teacher, opt, steps, batch=32, dim=64), model, opt
 
 
 def _drop(losses):

@@ -5,6 +5,7 @@ import io
 
 import pytest
 import torch
+from references import distill
 
 import subspace_optim as so
 from subspace_optim import optimizer_state_bytes
@@ -62,18 +63,7 @@ def _mlp_losses(opt_factory, steps=200):
         torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128), torch.nn.GELU(),
         torch.nn.Linear(128, 8),
     )
-    opt = opt_factory(model)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(64, 32, generator=gen)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = distill(model, teacher, opt_factory(model), steps, batch=64, dim=32)
     return losses[0], sum(losses[-10:]) / 10
 
 
