@@ -97,6 +97,14 @@ def galore_adamw_reference(
     return w
 
 
+def run_steps(opt, p, grads: list[Tensor]) -> Tensor:
+    """Feed ``grads`` to ``opt`` one step each as ``p``'s gradient; ``p``'s final value."""
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach()
+
+
 def distill(model, teacher, opt, steps: int, batch: int, dim: int, seed: int = 1) -> list[float]:
     """Train ``model`` to match ``teacher`` on Gaussian inputs (seeded); the step losses."""
     gen = torch.Generator().manual_seed(seed)
@@ -353,24 +361,25 @@ def grass_topk_reference(w0, grads, *, rank, gap, scale, lr, betas, eps, weight_
 
 
 # --------------------------------------------------------------------------- Q-GaLore
-def int4_roundtrip(x: Tensor, group_size: int) -> Tensor:
-    """Group-wise asymmetric 4-bit quantise-dequantise with zero inside every group's range."""
+def groupwise_roundtrip(x: Tensor, group_size: int, bits: int = 4) -> Tensor:
+    """Group-wise asymmetric quantise-dequantise with zero inside every group's range."""
+    qmax = 2**bits - 1
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
     for start in range(0, flat.numel(), group_size):
         grp = flat[start:start + group_size]
         lo = min(grp.min().item(), 0.0)
         hi = max(grp.max().item(), 0.0)
-        s = torch.tensor(max(hi - lo, 1e-5), dtype=torch.float32) / 15
-        z = torch.round(torch.tensor(-lo, dtype=torch.float32) / s).clamp(0, 15)
-        q = (torch.round(grp / s) + z).clamp(0, 15)
+        s = torch.tensor(max(hi - lo, 1e-5), dtype=torch.float32) / qmax
+        z = torch.round(torch.tensor(-lo, dtype=torch.float32) / s).clamp(0, qmax)
+        q = (torch.round(grp / s) + z).clamp(0, qmax)
         out[start:start + group_size] = (q - z) * s
     return out.reshape(x.shape)
 
 
 def q_galore_reference(w0, grads, *, rank, gap, scale, lr, betas, eps, weight_decay,
-                       group_size=256, queue_size=5, cos_threshold=0.4, gamma=2):
-    """Q-GaLore: GaLore whose basis is used through an INT4 round trip, refreshed when
+                       group_size=256, bits=4, queue_size=5, cos_threshold=0.4, gamma=2):
+    """Q-GaLore: GaLore whose basis is used through an INT4 (or INT8) round trip, refreshed when
     step % gap == 0 with a per-layer gap that doubles once the mean of the last 5 cosines
     between consecutive first singular vectors reaches 0.4."""
     side = _side(tuple(w0.shape))
@@ -388,7 +397,7 @@ def q_galore_reference(w0, grads, *, rank, gap, scale, lr, betas, eps, weight_de
                 queue = (queue + [cos])[-queue_size:]
                 if len(queue) == queue_size and sum(queue) / queue_size >= cos_threshold:
                     gap = int(gap * gamma)
-            p = int4_roundtrip(new, group_size)
+            p = groupwise_roundtrip(new, group_size, bits)
         r = _project(p, g, side)
         if m is None:
             m, v = torch.zeros_like(r), torch.zeros_like(r)

@@ -3,20 +3,13 @@ every projector with every rule."""
 
 import pytest
 import torch
-from references import adafactor_reference, gradient_stream, lion_reference
+from references import adafactor_reference, distill, gradient_stream, lion_reference, run_steps
 
 import subspace_optim as so
 
 # 50 fp32 steps within 1e-5 absolute, the issue's bound (rounding order differs only).
 ATOL = 1e-5
 STEPS = 50
-
-
-def _run(opt, p, grads):
-    for g in grads:
-        p.grad = g.clone()
-        opt.step()
-    return p.detach()
 
 
 @pytest.mark.parametrize("projected", [False, True], ids=["full-rank", "galore"])
@@ -28,7 +21,7 @@ def test_lion_matches_reference(projected, shape):
     group = {"rank": 5, "update_proj_gap": 20, "scale": 0.5} if projected else {}
     opt = so.SubspaceLion([{"params": [p], **group}], lr=1e-3, betas=(0.9, 0.99),
                           weight_decay=0.1)
-    ours = _run(opt, p, grads)
+    ours = run_steps(opt, p, grads)
     ref = lion_reference(w0, grads, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
                          rank=5 if projected else None, gap=20, scale=0.5 if projected else 1.0)
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
@@ -57,7 +50,7 @@ def test_adafactor_matches_reference(case, projected, shape):
     p = torch.nn.Parameter(w0.clone())
     group = {"rank": 5, "update_proj_gap": 20, "scale": 0.5} if projected else {}
     opt = so.SubspaceAdafactor([{"params": [p], **group}], **case)
-    ours = _run(opt, p, grads)
+    ours = run_steps(opt, p, grads)
     ref = adafactor_reference(w0, grads, rank=5 if projected else None, gap=20, scale=0.5,
                               **case)
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
@@ -129,17 +122,8 @@ def test_every_projector_with_every_rule_learns(projector, rule):
     opt = RULES[rule]([{"params": vectors},
                        {"params": matrices, "rank": 8, "update_proj_gap": 50, "scale": 1.0,
                         "projector": projector}])
-    losses = []
-    for _ in range(150):
-        x = torch.randn(32, 24)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    # Measured: every pair ended at <= 0.51 of its first loss (flora/dct with Lion the
-    # slowest); an optimizer that does not learn stays near 1. Two refreshes happen (gap 50);
+    losses = distill(model, teacher, opt, 150, batch=32, dim=24)
+    # Measured: every pair ended at <= 0.50 of its first loss (Lion with dct the slowest);
+    # an optimizer that does not learn stays near 1. Two refreshes happen (gap 50);
     # a much shorter gap scrambles Flora's momentum, whose own default gap is 1000.
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0], losses[::10]

@@ -215,6 +215,8 @@ def test_cli_reports_config_errors_and_has_help():
     result = runner.invoke(app, ["train", "--set", "training.stepz=1"])
     assert result.exit_code == 2
     assert "unknown key 'training.stepz'" in result.output
+    result = runner.invoke(app, ["train", "--resume", "/nonexistent/run"])
+    assert result.exit_code == 2 and "not a run directory" in result.output
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0 and "--resume" in result.output
 

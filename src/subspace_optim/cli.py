@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -43,7 +42,7 @@ def train(
     from rich.table import Table
 
     from .train.checkpoint import CheckpointError
-    from .train.config import ConfigError, RunConfig, load_config
+    from .train.config import ConfigError, RunConfig, load_config, load_saved_config
     from .train.deps import MissingDependency
     from .train.loop import run_directory
     from .train.loop import train as run
@@ -52,11 +51,7 @@ def train(
     console = Console()
     try:
         if resume is not None:
-            saved = json.loads((resume / "config.json").read_text())
-            cfg = load_config(None)
-            from .train.config import _merge
-
-            _merge(cfg, saved, "", str(resume / "config.json"))
+            cfg = load_saved_config(resume / "config.json")
             run_dir = resume
         else:
             cfg = load_config(config, set_ or [])

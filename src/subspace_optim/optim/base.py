@@ -57,6 +57,19 @@ def _int8_grad(p: Tensor) -> Tensor | None:
     return None if layer is None else layer.weight_grad
 
 
+class _Projected(NamedTuple):
+    """A projected parameter's step in progress: the projector, the gradient as a matrix,
+    the side, the current basis (None: not built yet), the projected gradient, and whether
+    this step (or window) began with a refresh."""
+
+    projector: Projector
+    g: Tensor
+    side: str
+    basis: Any
+    low: Tensor | None
+    refreshed: bool
+
+
 class SubspaceOptimizer(Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose projected groups update in a subspace."""
 
@@ -181,7 +194,9 @@ class SubspaceOptimizer(Optimizer):
             if window is None:
                 parts = self._projected_gradient(p, grad, group, state, step, start=True)
             else:
-                parts = self._subspace(p, grad, group, state) + (window, refreshed)
+                parts = self._subspace(p, grad, group, state)._replace(
+                    low=window, refreshed=refreshed
+                )
             self._finish_projected(target, parts, group, state, step)
         else:
             rule = self._rule(grad, state, group, step, target)
@@ -190,8 +205,8 @@ class SubspaceOptimizer(Optimizer):
             layer.store_weight_(target, self._rounding_generator(p, state, step))
         state["step"] = step + 1
 
-    def _subspace(self, p: Tensor, grad: Tensor, group: dict, state: dict) -> tuple:
-        """(projector, G as a matrix, side, current basis) of a projected parameter."""
+    def _subspace(self, p: Tensor, grad: Tensor | None, group: dict, state: dict) -> _Projected:
+        """The projector, gradient matrix and side of a projected parameter (no basis yet)."""
         projector = get_projector(group["projector"])
         # Without a full gradient (Grass's sparse path) the weight stands in for its shape.
         g = (grad if grad is not None else p.detach()).reshape(matrix_shape(p.shape))
@@ -199,16 +214,16 @@ class SubspaceOptimizer(Optimizer):
         if "step" not in state:
             projector.init_state(state, self._param_index(p), group)
             state["step"] = 0
-        return projector, g, side, None
+        return _Projected(projector, g, side, None, None, False)
 
     def _projected_gradient(
         self, p: Tensor, grad: Tensor, group: dict, state: dict, step: int, start: bool
-    ) -> tuple:
+    ) -> _Projected:
         """Project ``grad``; at the ``start`` of a step (or window) refresh first if due."""
-        projector, g, side, _ = self._subspace(p, grad, group, state)
+        projector, g, side, _, _, _ = self._subspace(p, grad, group, state)
         refreshed = start and projector.needs_refresh(state, step, group)
         basis, low = self._project(projector, state, g, side, group, refreshed)
-        return projector, g, side, basis, low, refreshed
+        return _Projected(projector, g, side, basis, low, refreshed)
 
     def _accumulate_projected(self, p: Tensor, grad: Tensor, group: dict, start: bool) -> None:
         """Add ``grad``, projected, to the window's accumulator ``state["window_grad"]``
@@ -216,12 +231,11 @@ class SubspaceOptimizer(Optimizer):
         (``start``), where a due refresh happens; the full gradient is not kept."""
         state = self.state[p]
         parts = self._projected_gradient(p, grad, group, state, state.get("step", 0), start)
-        low, refreshed = parts[4], parts[5]
         if start:
-            state["window_grad"] = low  # a new tensor: projections never alias the gradient
-            state["window_refreshed"] = refreshed
+            state["window_grad"] = parts.low  # a new tensor: projections never alias grad
+            state["window_refreshed"] = parts.refreshed
         else:
-            state["window_grad"].add_(low)
+            state["window_grad"].add_(parts.low)
 
     def _add_projected_gradient(self, p: Tensor, low: Tensor) -> None:
         """Deposit a gradient that arrives already projected (Grass's sparse compute path)
@@ -233,7 +247,7 @@ class SubspaceOptimizer(Optimizer):
             state["window_grad"] = low
             state["window_refreshed"] = False
 
-    def _finish_projected(self, target: Tensor, parts: tuple, group: dict, state: dict,
+    def _finish_projected(self, target: Tensor, parts: _Projected, group: dict, state: dict,
                           step: int) -> None:
         projector, g, side, basis, low, refreshed = parts
         if basis is None:

@@ -6,6 +6,7 @@ Unknown keys and values of the wrong type are errors that name the key and the f
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,4 +211,13 @@ def load_config(train: str | None = None, overrides: list[str] | None = None) ->
         for part in reversed(key.split(".")):
             nested = {part: nested}
         _merge(cfg, nested, "", "--set")
+    return cfg
+
+
+def load_saved_config(path: Path) -> RunConfig:
+    """The resolved configuration a run wrote to its ``config.json`` (for ``--resume``)."""
+    if not path.exists():
+        raise ConfigError(f"{path} not found: not a run directory of subspace-optim train")
+    cfg = RunConfig()
+    _merge(cfg, json.loads(path.read_text()), "", str(path))
     return cfg

@@ -3,6 +3,7 @@ loaded from a local checkpoint directory; optional INT8 weights."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
                                                                        "Lion", "8bit")))
         raise ConfigError(f"optimizer.name: unknown optimizer {oc.name!r} (known: {known})")
     kwargs = {"lr": oc.lr, **oc.kwargs}
-    if "weight_decay" in __import__("inspect").signature(cls).parameters:
+    if "weight_decay" in inspect.signature(cls).parameters:
         kwargs["weight_decay"] = oc.weight_decay
     groups = param_groups(model, cfg)
     if "rank" not in oc.group and len(groups) > 1:
