@@ -31,6 +31,9 @@ class BackwardStepper:
         self.max_grad_norm = max_grad_norm
         self.clip = clip
         self.grad_norm: Tensor | None = None  # total norm of the last closed step
+        # Reference of global clipping: the last finite total norm, saved in the optimizer's
+        # state dict so that a resumed run clips its first step as the uninterrupted one.
+        self.clip_norm: Tensor | None = optimizer._pending_clip_norm
         self._norm_sq: Tensor | None = None  # accumulating for the step in progress
         self._handles: list[Any] = []
         self._group_index: dict[int, int] = {}
@@ -63,10 +66,13 @@ class BackwardStepper:
             opt._accumulate_projected(p, grad, group, start=micro == 1)
             _release(p)
             if last:
-                window = state.pop("window_grad")
-                refreshed = state.pop("window_refreshed")
-                window = self._clipped(window)
-                opt._step_param(p, grad, group, window=window, refreshed=refreshed)
+                taken = opt._take_window(p)
+                if taken is None:
+                    self._record_norm(torch.tensor(math.nan))
+                else:
+                    window, refreshed = taken
+                    opt._step_param(p, grad, group, window=self._clipped(window),
+                                    refreshed=refreshed)
             return
         if not last:  # a full-rank parameter accumulates in .grad as usual
             return
@@ -84,9 +90,13 @@ class BackwardStepper:
             state["micro_step"] = micro
             return
         state["micro_step"] = 0
-        window = self._clipped(state.pop("window_grad"))
-        opt._step_param(p, None, opt.param_groups[self._group_index[id(p)]], window=window,
-                        refreshed=state.pop("window_refreshed"))
+        taken = opt._take_window(p)
+        if taken is None:
+            self._record_norm(torch.tensor(math.nan))
+            return
+        window, refreshed = taken
+        opt._step_param(p, None, opt.param_groups[self._group_index[id(p)]],
+                        window=self._clipped(window), refreshed=refreshed)
 
     def _clipped(self, grad: Tensor) -> Tensor:
         """Record the gradient's norm for the step and clip it: per parameter by its own
@@ -94,14 +104,19 @@ class BackwardStepper:
         known once backward has finished, after every parameter has stepped)."""
         # At least fp32 (bf16 gradients), never below the gradient's own precision.
         norm = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
-        self._norm_sq = norm.square() if self._norm_sq is None else self._norm_sq + norm.square()
+        self._record_norm(norm)
         if self.max_grad_norm is None:
             return grad
-        reference = norm if self.clip == "per_parameter" else self.grad_norm
+        reference = norm if self.clip == "per_parameter" else self.clip_norm
         if reference is None:  # first step of global clipping: no previous norm yet
             return grad
         factor = (self.max_grad_norm / (reference + 1e-6)).clamp(max=1.0)
         return grad * factor.to(grad.dtype)
+
+    def _record_norm(self, norm: Tensor) -> None:
+        norm_sq = norm.square()
+        self._norm_sq = norm_sq if self._norm_sq is None else self._norm_sq + norm_sq.to(
+            self._norm_sq.device)
 
     # ------------------------------------------------------------------ control
     def close_step(self) -> None:
@@ -110,6 +125,12 @@ class BackwardStepper:
         if self._norm_sq is not None:
             self.grad_norm = self._norm_sq.sqrt()
             self._norm_sq = None
+            # A step with a NaN or inf gradient (skipped under skip_nonfinite) must not
+            # become the clipping reference, or every later step would be scaled by NaN.
+            # A zero reference means "not clipped" (the first step's factor is then 1).
+            previous = torch.zeros_like(self.grad_norm) if self.clip_norm is None else \
+                self.clip_norm.to(self.grad_norm.device)
+            self.clip_norm = torch.where(torch.isfinite(self.grad_norm), self.grad_norm, previous)
 
     def remove(self) -> None:
         """Detach the hooks: ``optimizer.step()`` updates parameters again."""
@@ -122,6 +143,7 @@ class BackwardStepper:
                     layer.weight_grad_hook = None
         self._handles.clear()
         self.optimizer._backward_stepper = None
+        self.optimizer._pending_clip_norm = self.clip_norm  # for a later stepper or save
 
 
 def _release(p: Tensor) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
 
-from .._validate import is_number
+from .._validate import check_bool, check_number, is_number, scalar_value
 from ..rules import adafactor as af
 from .base import RuleStep, SubspaceOptimizer
 
@@ -29,6 +30,7 @@ class SubspaceAdafactor(SubspaceOptimizer):
     kept in float32 (``state_bits=32``) as those implementations do for bf16 parameters.
     """
 
+    rule_name = "adafactor"
     reprojectable_moments = frozenset({"exp_avg"})
     default_projector = "galore"
 
@@ -47,6 +49,7 @@ class SubspaceAdafactor(SubspaceOptimizer):
         *,
         projector: str | None = None,
         state_bits: int | None = 32,
+        skip_nonfinite: bool = False,
         extra_defaults: dict[str, Any] | None = None,
     ) -> None:
         defaults = {
@@ -60,33 +63,36 @@ class SubspaceAdafactor(SubspaceOptimizer):
             "relative_step": relative_step,
             "warmup_init": warmup_init,
             "state_bits": state_bits,
+            "skip_nonfinite": skip_nonfinite,
             **(extra_defaults or {}),
         }
         super().__init__(params, defaults, projector=projector or self.default_projector)
 
     def _validate_lr(self, group: dict) -> None:
-        lr, relative = group["lr"], group["relative_step"]
+        for key in ("scale_parameter", "relative_step", "warmup_init"):
+            check_bool(group, key)
+        lr, relative = scalar_value(group["lr"], "lr"), group["relative_step"]
         if lr is None and not relative:
             raise ValueError("Invalid learning rate: None (pass lr, or relative_step=True)")
         if lr is not None and relative:
             raise ValueError(
                 f"Invalid learning rate: {lr!r} cannot be combined with relative_step=True"
             )
-        if lr is not None and (not is_number(lr) or not lr >= 0):
-            raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
+        if lr is not None:
+            check_number({"lr": lr}, "lr", 0.0, label="learning rate")
         if group["warmup_init"] and not relative:
             raise ValueError("Invalid warmup_init: True requires relative_step=True")
 
     def _validate_rule_group(self, group: dict) -> None:
         eps = group["eps"]
         if not isinstance(eps, (tuple, list)) or len(eps) != 2 or not all(
-            is_number(e) and e >= 0 for e in eps
+            is_number(e) and math.isfinite(e) and e >= 0 for e in eps
         ):
-            raise ValueError(f"Invalid eps: {eps!r} (must be a pair of floats >= 0)")
-        if not is_number(group["clip_threshold"]) or not group["clip_threshold"] > 0:
-            raise ValueError(f"Invalid clip_threshold: {group['clip_threshold']!r} (must be > 0)")
-        if not is_number(group["decay_rate"]) or not group["decay_rate"] < 0:
-            raise ValueError(f"Invalid decay_rate: {group['decay_rate']!r} (must be < 0)")
+            raise ValueError(f"Invalid eps: {eps!r} (must be a pair of finite numbers >= 0)")
+        check_number(group, "clip_threshold", 0.0, low_inclusive=False)
+        decay_rate = group["decay_rate"]
+        if not is_number(decay_rate) or not math.isfinite(decay_rate) or not decay_rate < 0:
+            raise ValueError(f"Invalid decay_rate: {decay_rate!r} (must be a finite number < 0)")
         beta1 = group["beta1"]
         if beta1 is not None and (not is_number(beta1) or not 0 <= beta1 < 1):
             raise ValueError(f"Invalid beta1: {beta1!r} (must be None or in [0, 1))")

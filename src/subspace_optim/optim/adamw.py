@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._validate import check_betas, check_bool, check_choice, is_number
+from .._validate import check_betas, check_bool, check_choice, check_number
 from ..rules.adamw import CONVENTIONS, adamw_update
 from .base import RuleStep, SubspaceOptimizer
 
@@ -32,13 +32,17 @@ class SubspaceAdamW(SubspaceOptimizer):
             weight decay comes before or after the update (see ``rules.adamw``).
         state_bits: precision of the moments: ``None`` (the gradient's dtype), 32, 16
             (bfloat16) or 8 (block-wise, through bitsandbytes); see ``optim.moments``.
+        skip_nonfinite: a parameter whose gradient has a NaN or an inf is not updated and
+            its state is not touched (default False, as in torch, where one bad gradient
+            poisons the moments for good).
         projector: the projector name used by groups that set ``rank`` but no
             ``projector`` (default: the class's ``default_projector``, ``"galore"``).
     """
 
+    rule_name = "adamw"
     reprojectable_moments = frozenset({"exp_avg", "exp_avg_sq"})
-    # Projector of groups that set ``rank`` but no ``projector``; named subclasses change it.
     default_projector = "galore"
+    optional_group_keys = SubspaceOptimizer.optional_group_keys | {"correct_bias", "convention"}
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class SubspaceAdamW(SubspaceOptimizer):
         convention: str = "torch",
         projector: str | None = None,
         state_bits: int | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -61,6 +66,7 @@ class SubspaceAdamW(SubspaceOptimizer):
             "correct_bias": correct_bias,
             "convention": convention,
             "state_bits": state_bits,
+            "skip_nonfinite": skip_nonfinite,
         }
         super().__init__(params, defaults, projector=projector or self.default_projector)
 
@@ -72,9 +78,7 @@ class SubspaceAdamW(SubspaceOptimizer):
 
     def _validate_rule_group(self, group: dict) -> None:
         check_betas(group)
-        eps = group["eps"]
-        if not is_number(eps) or not eps >= 0:
-            raise ValueError(f"Invalid epsilon value: {eps!r} (must be a float >= 0)")
+        check_number(group, "eps", 0.0, label="epsilon value")
         check_choice(group, "convention", CONVENTIONS)
         check_bool(group, "correct_bias")
 
@@ -122,6 +126,7 @@ class GaLoreAdamW(SubspaceAdamW):
         convention: str = "galore",
         projector: str | None = None,
         state_bits: int | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -133,4 +138,5 @@ class GaLoreAdamW(SubspaceAdamW):
             convention=convention,
             projector=projector,
             state_bits=state_bits,
+            skip_nonfinite=skip_nonfinite,
         )

@@ -12,6 +12,8 @@ updated at full rank. Group values stay plain Python values so ``state_dict()`` 
 
 from __future__ import annotations
 
+import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, NamedTuple
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._validate import check_choice, is_int, is_number
+from .._validate import check_bool, check_choice, check_lr, check_number, is_int, scalar_value
 from ..nn.int8_linear import int8_layer_of
 from ..projectors.base import (
     REPROJECT,
@@ -30,7 +32,8 @@ from ..projectors.base import (
     matrix_shape,
     resolve_side,
 )
-from . import moments
+from . import checkpoint, moments
+from .groups import check_group_keys
 
 
 class RuleStep(NamedTuple):
@@ -46,6 +49,21 @@ class RuleStep(NamedTuple):
     step_size: float | Tensor
     decay: float | Tensor
     decay_after: bool = False
+
+
+def host_hyperparameters(group: dict) -> dict:
+    """The group with tensor hyperparameters (torch accepts a one-element tensor ``lr`` and
+    tensor ``betas``) read as Python numbers, as torch's non-capturable paths do; the group
+    itself when it holds none."""
+    betas = group.get("betas")
+    tensor_betas = isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)
+    if not isinstance(group["lr"], Tensor) and not tensor_betas:
+        return group
+    out = dict(group)
+    out["lr"] = scalar_value(group["lr"], "lr")
+    if tensor_betas:
+        out["betas"] = tuple(scalar_value(b, "betas") for b in betas)
+    return out
 
 
 def _nonzero(value: float | Tensor) -> bool:
@@ -80,38 +98,85 @@ class SubspaceOptimizer(Optimizer):
     # method decides per parameter whether to project, as Flora's Adafactor does).
     rank_must_fit: bool = True
 
+    # Name of the inner rule; a state dict saved by one rule cannot be continued by another.
+    rule_name: str = ""
+    # Projector of groups that set ``rank`` but no ``projector``; named subclasses change it.
+    default_projector: str = "galore"
+
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, projector: str) -> None:
         # Read by add_param_group, which Optimizer.__init__ calls for every group.
         self._default_projector = projector
         # Set by subspace_optim.step_in_backward while parameters step inside backward.
         self._backward_stepper = None
+        # Global-clipping reference of layer-wise mode, loaded before a stepper exists.
+        self._pending_clip_norm = None
+        self._nonfinite_skips = 0
+        defaults.setdefault("skip_nonfinite", False)
+        # Hyperparameters are checked before the parameters, as torch's optimizers do, so
+        # that a bad lr is reported as such whatever the params argument.
+        self._validate_common(dict(defaults))
+        self._validate_rule_group(dict(defaults))
         super().__init__(params, defaults)
+        if not any("rank" in group for group in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__}: no param group has 'rank', so nothing is projected and "
+                "every parameter gets the full-rank update (the memory of the plain optimizer). "
+                "Put the matrices to project in a group with 'rank', e.g. "
+                "[{'params': others}, {'params': matrices, 'rank': 128}].",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_default_projector"] = self._default_projector
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also called by load_state_dict (with state and groups only): attributes that
+        # already exist are kept; an unpickled or deep-copied optimizer gets fresh ones (its
+        # copy is not attached to the original's backward hooks).
+        super().__setstate__(state)
+        self.__dict__.setdefault("_default_projector", type(self).default_projector)
+        self.__dict__.setdefault("_backward_stepper", None)
+        self.__dict__.setdefault("_pending_clip_norm", None)
+        self.__dict__.setdefault("_nonfinite_skips", 0)
+        self.defaults.setdefault("skip_nonfinite", False)
+        for group in self.param_groups:
+            group.setdefault("skip_nonfinite", False)
+            group.setdefault("state_bits", None)
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = set(param_group) if isinstance(param_group, dict) else {"params"}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._validate_common(group)
-            self._validate_rule_group(group)
-            if "rank" in group:
-                self._prepare_projected_group(group)
+            self.check_group(group, given)
         except ValueError:
             self.param_groups.pop()
             raise
 
+    def check_group(self, group: dict, given: set[str] | None = None) -> None:
+        """Validate ``group`` (defaults already filled in) and fill in its projector's
+        defaults; raise ``ValueError`` naming the first bad key or value. ``given``: the
+        keys the user wrote, for the warning about projection keys without ``rank``."""
+        check_group_keys(group, self.defaults, type(self).__name__, given)
+        self._validate_common(group)
+        self._validate_rule_group(group)
+        if "rank" in group:
+            self._prepare_projected_group(group)
+
     def _validate_common(self, group: dict) -> None:
         self._validate_lr(group)
         group.setdefault("state_bits", None)
+        group.setdefault("skip_nonfinite", False)
         check_choice(group, "state_bits", moments.STATE_BITS)
-        wd = group["weight_decay"]
-        if not is_number(wd) or not wd >= 0:
-            raise ValueError(f"Invalid weight_decay value: {wd!r} (must be a float >= 0)")
+        check_bool(group, "skip_nonfinite")
+        check_number(group, "weight_decay", 0.0, label="weight_decay value")
 
     def _validate_lr(self, group: dict) -> None:
-        lr = group["lr"]
-        if not is_number(lr) or not lr >= 0:
-            raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
+        check_lr(group)
 
     def _validate_rule_group(self, group: dict) -> None:
         raise NotImplementedError
@@ -153,9 +218,8 @@ class SubspaceOptimizer(Optimizer):
                 if grad is not None:
                     self._step_param(p, grad, group)
                 elif "window_grad" in self.state.get(p, {}):  # Grass's sparse weight gradient
-                    state = self.state[p]
-                    self._step_param(p, None, group, window=state.pop("window_grad"),
-                                     refreshed=state.pop("window_refreshed"))
+                    window, refreshed = self._take_window(p)
+                    self._step_param(p, None, group, window=window, refreshed=refreshed)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -169,6 +233,20 @@ class SubspaceOptimizer(Optimizer):
     def projects(self, p: Tensor, group: dict) -> bool:
         """Whether ``p`` is updated in a subspace (its group has ``rank`` and it is a matrix)."""
         return "rank" in group and p.dim() >= 2
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """How many parameter updates ``skip_nonfinite`` has skipped since construction
+        (a diagnostic for logs; not part of the state dict)."""
+        return self._nonfinite_skips
+
+    def _skips_nonfinite(self, group: dict, grad: Tensor) -> bool:
+        """Whether to skip this update: ``skip_nonfinite`` is on and ``grad`` has a NaN or an
+        inf. (A host sync, the price of the option.)"""
+        if group["skip_nonfinite"] and not bool(torch.isfinite(grad).all()):
+            self._nonfinite_skips += 1
+            return True
+        return False
 
     def _step_param(
         self, p: Tensor, grad: Tensor | None, group: dict, *, window: Tensor | None = None,
@@ -184,6 +262,9 @@ class SubspaceOptimizer(Optimizer):
         """
         if grad is not None:
             self._check_grad(p, grad)
+        if self._skips_nonfinite(group, grad if window is None else window):
+            return
+        group = host_hyperparameters(group)
         state = self.state[p]
         step = state.get("step", 0)
         layer = int8_layer_of(p)
@@ -230,12 +311,30 @@ class SubspaceOptimizer(Optimizer):
         (r x n or m x r). The window's subspace is fixed by its first micro-batch
         (``start``), where a due refresh happens; the full gradient is not kept."""
         state = self.state[p]
+        if start:
+            state.pop("window_skip", None)
+        if state.get("window_skip") or self._skips_nonfinite(group, grad):
+            # A non-finite micro-batch spoils its whole window: nothing is projected or
+            # refreshed from it and the window's step is skipped (see take_window).
+            state.pop("window_grad", None)
+            state["window_skip"] = True
+            return
         parts = self._projected_gradient(p, grad, group, state, state.get("step", 0), start)
         if start:
             state["window_grad"] = parts.low  # a new tensor: projections never alias grad
             state["window_refreshed"] = parts.refreshed
         else:
             state["window_grad"].add_(parts.low)
+
+    def _take_window(self, p: Tensor) -> tuple[Tensor, bool] | None:
+        """Remove the finished window of ``p`` from its state: ``(projected gradient,
+        refreshed)``, or ``None`` when a non-finite micro-batch spoiled it."""
+        state = self.state[p]
+        if state.pop("window_skip", False):
+            state.pop("window_grad", None)
+            state.pop("window_refreshed", None)
+            return None
+        return state.pop("window_grad"), state.pop("window_refreshed")
 
     def _add_projected_gradient(self, p: Tensor, low: Tensor) -> None:
         """Deposit a gradient that arrives already projected (Grass's sparse compute path)
@@ -373,38 +472,56 @@ class SubspaceOptimizer(Optimizer):
             target.add_(target, alpha=-rule.decay)
 
     # ------------------------------------------------------------------ checkpoints
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim.Optimizer.load_state_dict`` but keep every state tensor's
-        saved dtype.
+    # Group keys a state dict of an older release may lack (filled in by __setstate__).
+    optional_group_keys: frozenset[str] = frozenset({"state_bits", "skip_nonfinite"})
 
-        Torch casts floating state to the parameter's dtype, which would turn an fp32
-        basis of a bf16 parameter into bf16 and integer codes or seeds into floats. Here
-        state tensors only move: to the parameter's device, or to the CPU for the keys a
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus an entry saying which optimizer wrote it and, in
+        layer-wise mode, the global-clipping reference (the last step's total norm)."""
+        state_dict = super().state_dict()
+        stepper = self._backward_stepper
+        extra = checkpoint.marker(self)
+        extra["clip_norm"] = stepper.clip_norm if stepper is not None else self._pending_clip_norm
+        state_dict[checkpoint.EXTRA_KEY] = extra
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim.Optimizer.load_state_dict``, but check everything first
+        (see ``optim.checkpoint``: a state dict that does not fit is refused with the reason
+        and the optimizer stays as it was) and keep every state tensor's saved dtype.
+
+        State tensors only move: to the parameter's device, or to the CPU for the keys a
         projector declares host-side.
         """
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        host_keys = self._host_state_keys() | {"sr_seed"}
-        for saved_id, p in zip(saved_ids, params, strict=True):
-            if saved_id not in saved_state:
-                continue
-            self.state[p] = {
-                key: _place(value, "cpu" if key in host_keys else p.device)
-                for key, value in saved_state[saved_id].items()
-            }
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state = checkpoint.prepare_load(self, state_dict)
+        clip_norm = (state_dict.get(checkpoint.EXTRA_KEY) or {}).get("clip_norm")
+        self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
+        self._pending_clip_norm = clip_norm
+        if self._backward_stepper is not None:
+            self._backward_stepper.clip_norm = clip_norm
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
-    def _host_state_keys(self) -> frozenset[str]:
-        names = {g["projector"] for g in self.param_groups if "rank" in g}
-        return frozenset().union(*(get_projector(n).host_state_keys for n in names))
+    def host_state_keys(self, groups: list[dict] | None = None) -> frozenset[str]:
+        """State keys kept on the CPU whatever the parameter's device (seeds, counters)."""
+        names = {g["projector"] for g in (groups or self.param_groups) if "rank" in g}
+        keys = frozenset({"sr_seed"})
+        return keys.union(*(get_projector(n).host_state_keys for n in names))
 
-
-def _place(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device=device)
-    if isinstance(value, dict):
-        return {k: _place(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_place(v, device) for v in value)
-    return value
+    def expected_state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+        """The rule's moments this optimizer keeps for ``p`` in ``group``, with their shapes
+        (computed on meta tensors), for checking a state dict before loading it."""
+        if self.projects(p, group):
+            m, n = matrix_shape(p.shape)
+            side = resolve_side((m, n), group["proj_type"])
+            r = group["rank"]
+            shape = (m, r) if side == "right" else (r, n)
+        else:
+            shape = tuple(p.shape)
+        low = torch.empty(shape, device="meta")
+        return {name: spec[0] for name, spec in self._moment_specs(low, group).items()}

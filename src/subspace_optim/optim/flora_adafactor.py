@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validate import check_bool
 from ..projectors.base import get_projector
 from ..rules import adafactor as af
 from .adafactor import SubspaceAdafactor
+from .base import host_hyperparameters
 
 _FLORA = "flora"
 
@@ -37,6 +39,7 @@ _FLORA = "flora"
 class FloraAdafactor(SubspaceAdafactor):
     """Adafactor with Flora-compressed momentum; see the module docstring."""
 
+    rule_name = "flora_adafactor"
     rank_must_fit = False
 
     def __init__(
@@ -55,6 +58,8 @@ class FloraAdafactor(SubspaceAdafactor):
         warmup_init: bool = False,
         factorize_second_moment: bool = True,
         seed: int = 0,
+        *,
+        skip_nonfinite: bool = False,
     ) -> None:
         extra: dict[str, Any] = {
             "factorize_second_moment": factorize_second_moment,
@@ -65,8 +70,13 @@ class FloraAdafactor(SubspaceAdafactor):
             extra["rank"] = rank
         super().__init__(
             params, lr, eps, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter,
-            relative_step, warmup_init, projector=_FLORA, state_bits=None, extra_defaults=extra,
+            relative_step, warmup_init, projector=_FLORA, state_bits=None,
+            skip_nonfinite=skip_nonfinite, extra_defaults=extra,
         )
+
+    def _validate_rule_group(self, group: dict) -> None:
+        super()._validate_rule_group(group)
+        check_bool(group, "factorize_second_moment")
 
     def projects(self, p: Tensor, group: dict) -> bool:
         # Flora compresses the momentum only; it takes (and accumulates) full gradients.
@@ -79,8 +89,29 @@ class FloraAdafactor(SubspaceAdafactor):
             return False
         return min(shape) >= group["rank"] and max(shape) / min(shape) <= 4
 
+    def expected_state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+        shape = tuple(p.shape)
+        factored = len(shape) == 2 and group["factorize_second_moment"]
+        out = {}
+        if group["beta1"]:
+            compressed = self._compressed(group, p.shape, factored)
+            if compressed:
+                m, n = shape
+                r = group["rank"]
+                out["exp_avg"] = (r, n) if m < n else (m, r)
+            else:
+                out["exp_avg"] = shape
+        if factored:
+            out["exp_avg_sq_row"], out["exp_avg_sq_col"] = shape[:-1], shape[:-2] + shape[-1:]
+        else:
+            out["exp_avg_sq"] = shape
+        return out
+
     def _step_param(self, p: Tensor, grad: Tensor, group: dict) -> None:
         self._check_grad(p, grad)
+        if self._skips_nonfinite(group, grad):
+            return
+        group = host_hyperparameters(group)
         state = self.state[p]
         g = grad.float()
         p32 = p if p.dtype == torch.float32 else p.float()

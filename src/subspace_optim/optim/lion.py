@@ -16,6 +16,7 @@ class SubspaceLion(SubspaceOptimizer):
     the subspace and back-project the sign update, times ``scale``. Defaults are the Lion
     paper's: lr 1e-4, betas (0.9, 0.99), weight_decay 0 (decoupled, before the update)."""
 
+    rule_name = "lion"
     reprojectable_moments = frozenset({"exp_avg"})
     default_projector = "galore"
 
@@ -28,9 +29,10 @@ class SubspaceLion(SubspaceOptimizer):
         *,
         projector: str | None = None,
         state_bits: int | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
-                    "state_bits": state_bits}
+                    "state_bits": state_bits, "skip_nonfinite": skip_nonfinite}
         super().__init__(params, defaults, projector=projector or self.default_projector)
 
     def _validate_rule_group(self, group: dict) -> None:

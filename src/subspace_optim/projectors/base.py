@@ -164,6 +164,13 @@ class MatrixProjector(Projector):
     def project_back(self, basis: Tensor, low: Tensor, side: str) -> Tensor:
         return low @ basis if side == "right" else basis @ low
 
+    def reproject(self, old_basis: Tensor, new_basis: Tensor, moment: Tensor, side: str) -> Tensor:
+        # Moments may be kept at a higher precision than the basis (state_bits=32 with bf16
+        # weights): carry them at theirs.
+        dtype = moment.dtype
+        back = self.project_back(old_basis.to(dtype), moment, side)
+        return self.project(new_basis.to(dtype), back, side)
+
     def add_back_(self, basis: Tensor, low: Tensor, side: str, out: Tensor, alpha: float) -> None:
         low = low.to(out.dtype)
         basis = basis.to(out.dtype)
@@ -195,3 +202,11 @@ def get_projector(name: str) -> Projector:
 
 def registered_projectors() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
+
+
+def registered_group_keys() -> frozenset[str]:
+    """Every group key some registered projector reads (plus ``projector`` itself)."""
+    keys = {"projector"}
+    for projector in _REGISTRY.values():
+        keys.update(projector.group_defaults)
+    return frozenset(keys)

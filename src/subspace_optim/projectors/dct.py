@@ -102,10 +102,12 @@ class DCTProjector(MatrixProjector):
         return columns.T if side == "right" else columns
 
     def reproject(self, old_basis: Tensor, new_basis: Tensor, moment: Tensor, side: str) -> Tensor:
-        # r x r rotation instead of a full-size back-and-forth projection.
+        # r x r rotation instead of a full-size back-and-forth projection, at the moment's
+        # precision (it may exceed the basis's: state_bits=32 with bf16 weights).
+        old, new = old_basis.to(moment.dtype), new_basis.to(moment.dtype)
         if side == "right":
-            return moment @ (old_basis @ new_basis.T)
-        return (new_basis.T @ old_basis) @ moment
+            return moment @ (old @ new.T)
+        return (new.T @ old) @ moment
 
 
 def transformed(grad: Tensor, side: str, sim_type: str) -> Tensor:

@@ -77,6 +77,12 @@ class OnlinePCAProjector(MatrixProjector):
         check_choice(group, "osd_variant", VARIANTS)
         check_number(group, "ortho_penalty", 0)
         check_number(group, "pca_lr_ratio", 0)
+        if group["osd_variant"] == "paper" and group.get("lr") is None:
+            raise ValueError(
+                "Invalid osd_variant: 'paper' sets the basis's learning rate from the group's "
+                "lr, and this group has none (lr=None: Adafactor's relative steps); pass an lr "
+                "or use osd_variant='code'"
+            )
 
     def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
         return "proj_basis" not in state
@@ -86,8 +92,10 @@ class OnlinePCAProjector(MatrixProjector):
         if basis is None:
             return None
         state["proj_basis"] = basis.to(grad.dtype)
-        state["proj_exp_avg"] = torch.zeros_like(state["proj_basis"])
-        state["proj_exp_avg_sq"] = torch.zeros_like(state["proj_basis"])
+        # P's own AdamW moments stay float32 whatever the weight's dtype: in fp16 the
+        # squared loss gradient underflows and eps 1e-8 rounds to 0, and P turns NaN.
+        state["proj_exp_avg"] = torch.zeros_like(state["proj_basis"], dtype=torch.float32)
+        state["proj_exp_avg_sq"] = torch.zeros_like(state["proj_basis"], dtype=torch.float32)
         state["proj_steps"] = 0
         return None
 
@@ -99,9 +107,13 @@ class OnlinePCAProjector(MatrixProjector):
     ) -> None:
         if refreshed:  # the reference takes no basis step on the SVD step
             return
-        p = state["proj_basis"]
+        stored = state["proj_basis"]
+        # The basis step is computed in float32 and the basis stored back in its own dtype
+        # (the gradient's, as the reference keeps it); for fp32 weights this is in place.
+        p = stored.float()
         tiny = torch.finfo(torch.float32).tiny
-        a = (grad / grad.norm().clamp(min=tiny)).to(p.dtype)
+        g = grad.float()
+        a = g / g.norm().clamp(min=tiny)
         grad_p = pca_loss_grad(p, a, side)
         if group["osd_variant"] == "paper":
             grad_p.add_(orthogonality_grad(p, side), alpha=group["ortho_penalty"])
@@ -118,6 +130,8 @@ class OnlinePCAProjector(MatrixProjector):
             beta1=_P_BETAS[0], beta2=_P_BETAS[1], eps=_P_EPS, convention="torch",
         )
         p.add_(direction, alpha=-lr_p * factor)
+        if p is not stored:
+            stored.copy_(p)
         state["proj_steps"] = step
 
 
