@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -41,8 +42,14 @@ def train(
     from rich.console import Console
     from rich.table import Table
 
-    from .train.checkpoint import CheckpointError
-    from .train.config import ConfigError, RunConfig, load_config, load_saved_config
+    from .train.checkpoint import CheckpointError, write_atomic
+    from .train.config import (
+        RESUMABLE_KEYS,
+        ConfigError,
+        apply_resume_overrides,
+        load_config,
+        load_saved_config,
+    )
     from .train.deps import MissingDependency
     from .train.loop import run_directory
     from .train.loop import train as run
@@ -52,6 +59,11 @@ def train(
     try:
         if resume is not None:
             cfg = load_saved_config(resume / "config.json")
+            for key, old, new in apply_resume_overrides(cfg, set_ or []):
+                console.print(f"resume: {key} {old} -> {new}")
+            if set_:
+                write_atomic(resume / "config.json",
+                             lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
             run_dir = resume
         else:
             cfg = load_config(config, set_ or [])
@@ -62,13 +74,31 @@ def train(
     except (ConfigError, CheckpointError, MissingDependency, FileNotFoundError) as error:
         console.print(f"[bold red]error:[/bold red] {error}")
         raise typer.Exit(2) from None
-    assert isinstance(cfg, RunConfig)
+    except KeyboardInterrupt:
+        # A second Ctrl-C: stopped in the middle of a step, nothing saved.
+        console.print("[yellow]stopped at once without saving[/yellow]; the last checkpoint "
+                      f"stays in force: subspace-optim train --resume {run_dir}")
+        raise typer.Exit(130) from None
+    if result.already_finished:
+        console.print(f"{run_dir} is finished: step {result.steps} of {cfg.training.steps}. "
+                      f"To train further: subspace-optim train --resume {run_dir} "
+                      f"--set training.steps=N (N > {result.steps}); keys that may change on "
+                      f"resume: {', '.join(RESUMABLE_KEYS)}")
+        return
+    if not run_dir.exists():  # stopped before its first step: nothing to show or resume
+        console.print("[yellow]stopped before the first step; nothing was saved[/yellow]")
+        raise typer.Exit(130)
     plot = plot_losses(run_dir)
     table = Table(title="summary", show_header=False)
     for key, value in summary_rows(run_dir):
         table.add_row(key, value)
     console.print(table)
     console.print(f"loss curves: {plot}")
+    if result.skipped_steps:
+        console.print(f"[yellow]{result.skipped_steps} step(s) had a NaN or inf gradient; "
+                      "their parameters were not updated (skipped_steps in metrics.jsonl)"
+                      "[/yellow]")
     if result.interrupted:
         console.print(f"[yellow]stopped at step {result.steps}; continue with[/yellow] "
                       f"subspace-optim train --resume {run_dir}")
+        raise typer.Exit(130)

@@ -1,9 +1,12 @@
-"""Atomic checkpoints: a crash while writing leaves the previous checkpoint in force.
+"""Atomic checkpoints: a crash while writing leaves the previous checkpoint in force, and a
+damaged checkpoint is never loaded.
 
-Each checkpoint is written to a temporary file, flushed to disk, renamed into place, and
-only then named in ``latest.json`` (also replaced atomically) together with its size and
-SHA-256. Loading reads ``latest.json`` and refuses a file whose digest does not match, so a
-truncated or half-written checkpoint is never loaded.
+Each checkpoint ``step_N.pt`` is written to a temporary file, flushed to disk and renamed
+into place; then its record (step, size, SHA-256) is written beside it as ``step_N.json``
+and named in ``latest.json``, each replaced atomically too. The last ``KEEP`` checkpoints
+are kept. Loading tries the latest one first and refuses a file whose size or digest does
+not match its record; if the latest is damaged it falls back, with a warning, to the newest
+intact earlier one.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,33 +37,82 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: Path, write) -> None:
+    """Write ``path`` through a uniquely named temporary file in the same directory, flushed
+    and renamed into place: readers see the old file or the whole new one, never a part,
+    and two writers never share a temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, record: dict) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(record).encode()))
 
 
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
-    _write_atomic(path, lambda f: torch.save(payload, f))
-    meta = {"step": step, "file": path.name, "bytes": path.stat().st_size,
-            "sha256": _sha256(path)}
-    _write_atomic(directory / LATEST, lambda f: f.write(json.dumps(meta).encode()))
+    write_atomic(path, lambda f: torch.save(payload, f))
+    record = {"step": step, "file": path.name, "bytes": path.stat().st_size,
+              "sha256": _sha256(path)}
+    _write_json(path.with_suffix(".json"), record)
+    _write_json(directory / LATEST, record)
     for old in sorted(directory.glob("step_*.pt"))[:-KEEP]:
         old.unlink()
+        old.with_suffix(".json").unlink(missing_ok=True)
     return path
 
 
+def _records(directory: Path) -> list[dict]:
+    """Checkpoint records, newest first: ``latest.json``'s, then every kept one's."""
+    records = []
+    for path in [directory / LATEST, *sorted(directory.glob("step_*.json"), reverse=True)]:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and record not in records:
+            records.append(record)
+    return records
+
+
+def _intact(directory: Path, record: dict) -> str | None:
+    """Why the checkpoint of ``record`` cannot be loaded, or ``None`` if it can."""
+    try:
+        path = directory / record["file"]
+        if not path.exists():
+            return f"{path} is missing"
+        if path.stat().st_size != record["bytes"] or _sha256(path) != record["sha256"]:
+            return f"{path} is incomplete or corrupted"
+    except (KeyError, TypeError):
+        return f"its record {record!r} is damaged"
+    return None
+
+
 def load_checkpoint(directory: Path) -> dict[str, Any]:
-    latest = directory / LATEST
-    if not latest.exists():
+    """The newest intact checkpoint in ``directory`` (warning when that is not the latest)."""
+    records = _records(directory)
+    if not records:
         raise CheckpointError(f"no checkpoint in {directory} (missing {LATEST})")
-    meta = json.loads(latest.read_text())
-    path = directory / meta["file"]
-    if not path.exists() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupted; not loading it")
-    return torch.load(path, weights_only=True)
+    problems = []
+    for record in records:
+        problem = _intact(directory, record)
+        if problem is None:
+            if problems:
+                warnings.warn(
+                    f"{'; '.join(problems)}: not loading it; resuming from the previous intact "
+                    f"checkpoint, step {record['step']}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return torch.load(directory / record["file"], weights_only=True)
+        problems.append(problem)
+    raise CheckpointError(f"no intact checkpoint in {directory}: {'; '.join(problems)}")

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
+# The package's own configs (installed as package data, so a wheel has them too).
+CONFIG_ROOT = Path(str(resources.files("subspace_optim.configs")))
 
 
 class ConfigError(ValueError):
@@ -101,6 +105,74 @@ CHOICES = {
     "data.source": ("stdlib", "files", "hub"),
     "training.dtype": ("fp32", "bf16", "autocast"),
 }
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+_POSITIVE = _at_least(1)
+# Ranges of values the loop divides by, counts with or multiplies gradients by: each
+# violation is a ConfigError naming the key, not a ZeroDivisionError deep in a run.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{f"training.{k}": _POSITIVE for k in ("steps", "batch_size", "accumulation_steps",
+                                            "eval_every", "eval_batches", "checkpoint_every",
+                                            "log_every")},
+    "training.warmup_steps": _at_least(0),
+    "training.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "training.max_grad_norm": (lambda v: v is None or (math.isfinite(v) and v > 0),
+                               "> 0, or null to switch clipping off"),
+    "training.seed": _at_least(0),
+    "data.seq_len": _POSITIVE,
+    # A byte-level BPE starts from 256 byte tokens and one end-of-text token.
+    "data.vocab_size": _at_least(257),
+    "data.max_train_bytes": _POSITIVE,
+    "data.max_val_bytes": _POSITIVE,
+    "optimizer.lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "optimizer.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    **{f"model_config.{k}": _POSITIVE for k in ("hidden_size", "num_hidden_layers",
+                                                "num_attention_heads", "intermediate_size",
+                                                "max_position_embeddings")},
+    "model_config.rms_norm_eps": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+}
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def _check_device(value: str, where: str) -> None:
+    import torch
+
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{where}: training.device must be one of {DEVICES}, got {value!r}")
+
+
+def _check_name(value: str | None, where: str) -> None:
+    if value is None:
+        return
+    path = Path(value)
+    if not value or path.is_absolute() or ".." in path.parts:
+        raise ConfigError(f"{where}: output.name must be a relative name inside output.dir "
+                          f"(no '..', not absolute), got {value!r}")
+
+
+def check_values(cfg: RunConfig, where: str) -> None:
+    """Refuse values the run cannot use (see RANGES), naming the key."""
+    for key, (ok, requirement) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{where}: {key} must be {requirement}, got {value!r}")
+    _check_device(cfg.training.device, where)
+    _check_name(cfg.output.name, where)
+    if cfg.data.source == "files" and not cfg.data.paths:
+        raise ConfigError(f"{where}: data.source=files needs data.paths")
+    if cfg.data.source == "hub" and not cfg.data.hub_name:
+        raise ConfigError(f"{where}: data.source=hub needs data.hub_name")
 
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
@@ -198,7 +270,10 @@ def load_config(train: str | None = None, overrides: list[str] | None = None) ->
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            parsed.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({error})") from None
     for key, value in parsed:  # the model name may itself be overridden
         if key == "model":
             _merge(cfg, {"model": value}, "", "--set")
@@ -211,6 +286,7 @@ def load_config(train: str | None = None, overrides: list[str] | None = None) ->
         for part in reversed(key.split(".")):
             nested = {part: nested}
         _merge(cfg, nested, "", "--set")
+    check_values(cfg, "--set" if parsed else str(train_path))
     return cfg
 
 
@@ -219,5 +295,42 @@ def load_saved_config(path: Path) -> RunConfig:
     if not path.exists():
         raise ConfigError(f"{path} not found: not a run directory of subspace-optim train")
     cfg = RunConfig()
-    _merge(cfg, json.loads(path.read_text()), "", str(path))
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: damaged ({error})") from None
+    _merge(cfg, data, "", str(path))
     return cfg
+
+
+# What --resume may change: when and how often the run evaluates, saves and logs, and how
+# long it goes on. Everything else would make the resumed run a different run.
+RESUMABLE_KEYS = ("training.steps", "training.eval_every", "training.checkpoint_every",
+                  "training.log_every")
+
+
+def apply_resume_overrides(cfg: RunConfig, overrides: list[str]) -> list[tuple[str, Any, Any]]:
+    """Apply ``--set`` overrides to a resumed run's configuration; only RESUMABLE_KEYS may
+    change. Returns ``(key, old, new)`` for each change."""
+    import yaml
+
+    changes = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(
+                f"--set {key}: cannot change on --resume (the resumed run would no longer "
+                f"continue the same trajectory); keys that may change: {list(RESUMABLE_KEYS)}"
+            )
+        section, name = key.split(".")
+        old = getattr(getattr(cfg, section), name)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({error})") from None
+        _merge(cfg, {section: {name: value}}, "", "--set")
+        changes.append((key, old, getattr(getattr(cfg, section), name)))
+    check_values(cfg, "--set")
+    return changes

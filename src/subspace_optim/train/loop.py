@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 
 from ..layerwise import step_in_backward
 from ..memory import optimizer_state_bytes
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import ConfigError, RunConfig
 from .data import prepare
+from .interrupts import DeferredInterrupt
 from .model import build_model, build_optimizer
 
 OOM_ADVICE = (
@@ -71,7 +73,16 @@ def evaluate(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int, b
 def _device(cfg: RunConfig) -> torch.device:
     if cfg.training.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.training.device)
+    device = torch.device(cfg.training.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training.device={cfg.training.device}, but CUDA is not available "
+                          "on this machine (use cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"training.device={cfg.training.device}, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"training.device={cfg.training.device}, but MPS is not available")
+    return device
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -87,21 +98,45 @@ class RunResult:
     first_val_ppl: float
     final_val_ppl: float
     interrupted: bool = False
+    # Steps in which skip_nonfinite skipped at least one parameter (NaN or inf gradient).
+    skipped_steps: int = 0
+    # Set when --resume found the run already at its last step: nothing was trained.
+    already_finished: bool = False
 
 
 def run_directory(cfg: RunConfig, config_name: str) -> Path:
+    """Where a new run writes (created by :func:`train` once the run is ready to start)."""
     name = cfg.output.name or f"{config_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     path = Path(cfg.output.dir) / name
-    if (path / "checkpoints").exists():
+    if (path / "checkpoints").exists() or (path / "config.json").exists():
         raise ConfigError(f"{path} already holds a run; resume it with --resume {path}")
-    path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _new_window() -> dict[str, float]:
+    """The running sums of one logging window; saved in checkpoints, so that a resumed run
+    logs exactly the records the uninterrupted run logs."""
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "skipped": 0}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint at ``step`` (a run killed after a log line
+    but before its next checkpoint): the resumed run writes them again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    write_atomic(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> RunResult:
     """Train as ``cfg`` says, writing into ``run_dir``. ``stop_after`` ends the run after that
-    many steps with a checkpoint, as an interruption would (used by tests)."""
+    many steps with a checkpoint, as an interruption would (used by tests).
+
+    Ctrl-C is deferred to the end of the step in progress, which is then checkpointed (so a
+    checkpoint never holds a half-applied step); a second Ctrl-C stops at once without
+    saving. A run that fails or is stopped before its first step leaves no directory."""
     t = cfg.training
     device = _device(cfg)
     torch.manual_seed(t.seed)
@@ -123,22 +158,33 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    step, history = 0, {"val": []}
+    step, history, window = 0, {"val": [], "skipped_steps": 0}, _new_window()
     if resume:
         ckpt = load_checkpoint(run_dir / "checkpoints")
+        step = ckpt["step"]
+        if step >= t.steps:
+            return RunResult(run_dir, step, ckpt["history"]["val"][0]["val_ppl"],
+                             ckpt["history"]["val"][-1]["val_ppl"],
+                             skipped_steps=ckpt["history"].get("skipped_steps", 0),
+                             already_finished=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
-        step, history = ckpt["step"], ckpt["history"]
-    else:
+        history = {"skipped_steps": 0, **ckpt["history"]}
+        window = ckpt.get("window", window)
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+    created = not resume and not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    start = step
 
     def checkpoint() -> None:
         save_checkpoint(run_dir / "checkpoints", step, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-            "history": history, "config": cfg.to_dict(),
+            "history": history, "window": window, "config": cfg.to_dict(),
         })
 
     def evaluate_now() -> None:
@@ -146,64 +192,81 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         history["val"].append({"step": step, "val_loss": loss, "val_ppl": ppl})
         _log(metrics, {"step": step, "val_loss": loss, "val_ppl": ppl})
 
-    with open(run_dir / "metrics.jsonl", "a") as metrics:
-        bar = _Progress(t.steps, step, enabled=progress)
-        interrupted = False
-        try:
-            if not history["val"]:
-                evaluate_now()
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            end = t.steps if stop_after is None else min(t.steps, step + stop_after)
-            while step < end:
-                loss_sum = 0.0
-                for micro in range(t.accumulation_steps):
-                    batch = batches[step * t.accumulation_steps + micro].to(device)
-                    with autocast():
-                        loss, n = token_losses(forward_model, batch)
-                    mean = loss / n
-                    (mean / t.accumulation_steps).backward()
-                    loss_sum += mean.item() / t.accumulation_steps
-                    window_tokens += n
-                if stepper is None:
-                    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                                 if t.max_grad_norm else None)
-                    optimizer.step()
-                else:
-                    optimizer.step()  # closes the step: parameters already moved in backward
-                    grad_norm = stepper.grad_norm
-                optimizer.zero_grad()
-                scheduler.step()
-                step += 1
-                window_loss += loss_sum
-                bar.update(step, loss_sum)
-                if step % t.log_every == 0 or step == end:
-                    elapsed = time.perf_counter() - window_start
-                    done = step % t.log_every or t.log_every
-                    _log(metrics, {
-                        "step": step, "loss": window_loss / done,
-                        "lr": scheduler.get_last_lr()[-1],
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "tokens_per_s": window_tokens / elapsed,
-                        "peak_memory_bytes": _peak_memory(device),
-                        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-                    })
-                    bar.tokens_per_s = window_tokens / elapsed
-                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-                if step % t.eval_every == 0 or step == t.steps:
+    def log_window(grad_norm) -> None:
+        tokens_per_s = window["tokens"] / max(window["seconds"], 1e-9)
+        _log(metrics, {
+            "step": step, "loss": window["loss"] / window["steps"],
+            "lr": scheduler.get_last_lr()[-1],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "skipped_steps": window["skipped"],
+            "tokens_per_s": tokens_per_s,
+            "peak_memory_bytes": _peak_memory(device),
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        })
+        bar.tokens_per_s = tokens_per_s
+        window.update(_new_window())
+
+    interrupted = False
+    try:
+        with open(run_dir / "metrics.jsonl", "a") as metrics, DeferredInterrupt() as interrupt:
+            bar = _Progress(t.steps, step, enabled=progress)
+            try:
+                if not history["val"]:
                     evaluate_now()
-                if step % t.checkpoint_every == 0 and step < end:
-                    checkpoint()
-        except KeyboardInterrupt:
-            interrupted = True
-        except torch.cuda.OutOfMemoryError:
-            raise SystemExit(f"CUDA {OOM_ADVICE}") from None
-        finally:
-            bar.close()
-    checkpoint()
+                end = t.steps if stop_after is None else min(t.steps, step + stop_after)
+                while step < end and not interrupt.requested:
+                    began = time.perf_counter()
+                    skips = optimizer.nonfinite_skips
+                    loss_sum = 0.0
+                    for micro in range(t.accumulation_steps):
+                        batch = batches[step * t.accumulation_steps + micro].to(device)
+                        with autocast():
+                            loss, n = token_losses(forward_model, batch)
+                        mean = loss / n
+                        (mean / t.accumulation_steps).backward()
+                        loss_sum += mean.item() / t.accumulation_steps
+                        window["tokens"] += n
+                    if stepper is None:
+                        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                    t.max_grad_norm)
+                                     if t.max_grad_norm else None)
+                        optimizer.step()
+                    else:
+                        optimizer.step()  # closes the step: parameters already moved
+                        grad_norm = stepper.grad_norm
+                    optimizer.zero_grad()
+                    scheduler.step()
+                    step += 1
+                    skipped = optimizer.nonfinite_skips > skips
+                    history["skipped_steps"] += skipped
+                    window["skipped"] += skipped
+                    window["loss"] += loss_sum
+                    window["steps"] += 1
+                    window["seconds"] += time.perf_counter() - began
+                    bar.update(step, loss_sum)
+                    if step % t.log_every == 0 or step == t.steps:
+                        log_window(grad_norm)
+                    if step % t.eval_every == 0 or step == t.steps:
+                        evaluate_now()
+                    if step % t.checkpoint_every == 0 and step < end:
+                        checkpoint()
+                interrupted = interrupt.requested or step < t.steps
+            except torch.cuda.OutOfMemoryError:
+                raise SystemExit(f"CUDA {OOM_ADVICE}") from None
+            finally:
+                bar.close()
+    except BaseException:
+        if created and step == start:  # nothing trained: leave no empty run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if step > start:
+        checkpoint()
+    elif created:  # stopped before the first step
+        shutil.rmtree(run_dir, ignore_errors=True)
     if stepper is not None:
         stepper.remove()
     return RunResult(run_dir, step, history["val"][0]["val_ppl"], history["val"][-1]["val_ppl"],
-                     interrupted or step < t.steps)
+                     interrupted, history["skipped_steps"])
 
 
 def _log(handle, record: dict[str, Any]) -> None:

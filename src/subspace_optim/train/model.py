@@ -78,11 +78,13 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         known = sorted(n for n in subspace_optim.__all__ if n.endswith(("AdamW", "Adafactor",
                                                                        "Lion", "8bit")))
         raise ConfigError(f"optimizer.name: unknown optimizer {oc.name!r} (known: {known})")
-    kwargs = {"lr": oc.lr, **oc.kwargs}
+    # A NaN or inf gradient skips its parameter's update instead of poisoning its state for
+    # good; the loop counts and logs such steps (optimizer.kwargs may switch it off).
+    kwargs = {"lr": oc.lr, "skip_nonfinite": True, **oc.kwargs}
     if "weight_decay" in inspect.signature(cls).parameters:
         kwargs["weight_decay"] = oc.weight_decay
     groups = param_groups(model, cfg)
-    if "rank" not in oc.group and len(groups) > 1:
+    if not oc.group and len(groups) > 1:  # no group keys at all: one full-rank group
         groups = [{"params": [p for g in groups for p in g["params"]]}]
     try:
         return cls(groups, **kwargs)

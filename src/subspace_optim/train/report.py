@@ -53,6 +53,8 @@ def summary_rows(run_dir: Path) -> list[tuple[str, str]]:
             ("throughput", f"{last['tokens_per_s']:,.0f} tokens/s"),
             ("optimizer state", f"{last['optimizer_state_bytes'] / 2**20:.2f} MiB"),
             ("peak memory", f"{last['peak_memory_bytes'] / 2**20:.0f} MiB"),
+            ("steps with a NaN/inf gradient",
+             str(sum(r.get("skipped_steps", 0) for r in train))),
         ]
     rows.append(("run directory", str(run_dir)))
     return rows
