@@ -64,3 +64,20 @@ def test_refreshes_work_in_every_dtype_and_state_precision(opt_name, proj, varia
                     if key.startswith("exp_avg") and not key.endswith("_absmax"):
                         expected = _stored_dtype(bits, dtype, moment.numel())
                         assert moment.dtype == expected, (bits, key, moment.dtype)
+
+
+def test_online_pca_in_fp16_stays_finite():
+    """The issue's probe: fp16 weights, eps 1e-4, state_bits=32, NaN within 6 steps before
+    (the basis's own AdamW kept fp16 moments with eps 1e-8). 20 steps here."""
+    import subspace_optim as so
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 128, dtype=torch.float16))
+    opt = so.OnlineSubspaceAdamW([{"params": [w], "rank": 16}], lr=1e-3, eps=1e-4,
+                                 state_bits=32)
+    for _ in range(20):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    state = opt.state[w]
+    assert state["proj_exp_avg"].dtype == state["proj_exp_avg_sq"].dtype == torch.float32
+    assert bool(torch.isfinite(w).all()) and bool(torch.isfinite(state["proj_basis"]).all())
