@@ -92,7 +92,7 @@ def fingerprint(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> 
 
 def main() -> None:
     PATH.parent.mkdir(exist_ok=True)
-    result = {name: fingerprint(*run(spec)) for name, spec in scenarios().items()}
+    result = {name: fingerprint(*run(spec, foreach=False)) for name, spec in scenarios().items()}
     PATH.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
 
 

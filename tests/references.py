@@ -255,16 +255,46 @@ def flora_next_seed(seed: int) -> int:
     return int(torch.randint(0, 2**63 - 1, (15,), generator=gen)[14])
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _lowbias32(x: int) -> int:
+    """Chris Wellons' lowbias32 integer hash, on Python ints."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seed: int, counter: int, stream: int = 0) -> tuple[float, float]:
+    """The two uniforms of the library's counter-based normal (subspace_optim.counter_rng),
+    from its definition with Python integers: a key from (seed, stream), two 32-bit hashes of
+    the counter, their top 24 bits plus half a step (exact float32 values)."""
+    k = _lowbias32((seed & _M32) ^ 0x9E3779B9)
+    k = _lowbias32(k ^ ((seed >> 32) & _M32))
+    k = _lowbias32(k ^ (stream & _M32))
+    k = _lowbias32(k ^ ((stream >> 32) & _M32) ^ 0xBB67AE85)
+    h1 = _lowbias32((counter & _M32) ^ k)
+    h1 = _lowbias32(h1 ^ (counter >> 32) ^ 0x9E3779B9)
+    h2 = _lowbias32(h1 ^ 0xBB67AE85)
+    return ((h1 >> 8) + 0.5) * 2.0**-24, ((h2 >> 8) + 0.5) * 2.0**-24
+
+
+def counter_normals(seed: int, counters: list[int]) -> Tensor:
+    """Box-Muller on those uniforms, in float32 as the definition says."""
+    u = torch.tensor([counter_uniforms(seed, c) for c in counters], dtype=torch.float32)
+    return torch.sqrt(-2.0 * torch.log(u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
+
+
 def flora_matrix(seed: int, shape, rank: int) -> Tensor:
-    """Flora's A: r x m for m < n (left seed), n x r otherwise (right seed), N(0, 1/r)."""
-    gen = torch.Generator().manual_seed(seed)
-    left_seed, right_seed = torch.randint(0, 2**63 - 1, (2,), generator=gen).tolist()
+    """Flora's A, N(0, 1/r): r x m for m < n, n x r otherwise. The library defines it as the
+    transpose of its dense basis B (m x r left, r x n right), whose element (i, j) is the
+    counter-based normal of counter i * cols(B) + j."""
     m, n = shape
-    if m < n:
-        shape, seed = (rank, m), left_seed
-    else:
-        shape, seed = (n, rank), right_seed
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) / math.sqrt(rank)
+    rows, cols = (m, rank) if m < n else (rank, n)
+    b = counter_normals(seed, list(range(rows * cols))).view(rows, cols)
+    return (b / math.sqrt(rank)).T
 
 
 def flora_maps(shape):

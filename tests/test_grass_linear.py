@@ -44,7 +44,7 @@ def test_rows_equal_the_selected_rows_of_the_dense_gradient(shape, selection, dt
     out = dense(x)
     out.pow(2).sum().backward()
     projector = get_projector("grass")
-    basis = projector.basis(state, side, dense.weight.grad, opt.param_groups[0])
+    basis = projector.basis(state, opt.param_groups[0], dense.weight.grad, side)
     expected = projector.project(basis, dense.weight.grad, side)
     if dtype == torch.float64:
         torch.testing.assert_close(low, expected, atol=1e-6, rtol=0)

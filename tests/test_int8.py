@@ -7,6 +7,7 @@ import torch
 from references import distill
 
 import subspace_optim as so
+from subspace_optim import counter_rng
 from subspace_optim.nn import (
     Int8Linear,
     dequantize_linear_layers,
@@ -17,14 +18,19 @@ from subspace_optim.quant import dequantize_groupwise, quantize_groupwise_stocha
 DRAWS = 10_000
 
 
+def _uniform(seed, offset=0):
+    """The counter-based uniforms the optimizer's rounding draws for (seed, step)."""
+    key = counter_rng.key(seed, offset)
+    return lambda count: counter_rng.uniform(key, torch.arange(count))
+
+
 def _stochastic_mean_and_step(x, group):
     total = torch.zeros_like(x, dtype=torch.float64)
     for seed in range(DRAWS):
-        gen = torch.Generator().manual_seed(seed)
-        codes, scales, zeros = quantize_groupwise_stochastic(x, group, gen)
+        codes, scales, zeros = quantize_groupwise_stochastic(x, group, _uniform(seed))
         total += dequantize_groupwise(codes, scales, zeros, x.numel(), 8, group)
     # The grid depends on x only (not on the draws): take it from any one quantisation.
-    _, scales, _ = quantize_groupwise_stochastic(x, group, torch.Generator().manual_seed(0))
+    _, scales, _ = quantize_groupwise_stochastic(x, group, _uniform(0))
     return (total / DRAWS).float(), scales.repeat_interleave(group)[: x.numel()]
 
 
@@ -44,9 +50,9 @@ def test_stochastic_rounding_is_unbiased_even_at_the_ends_of_the_range():
 
 def test_stochastic_rounding_is_deterministic_for_a_seed():
     x = torch.randn(1000)
-    a = quantize_groupwise_stochastic(x, 256, torch.Generator().manual_seed(7))
-    b = quantize_groupwise_stochastic(x, 256, torch.Generator().manual_seed(7))
-    c = quantize_groupwise_stochastic(x, 256, torch.Generator().manual_seed(8))
+    a = quantize_groupwise_stochastic(x, 256, _uniform(7))
+    b = quantize_groupwise_stochastic(x, 256, _uniform(7))
+    c = quantize_groupwise_stochastic(x, 256, _uniform(8))
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
 
@@ -105,7 +111,7 @@ def _train_llama_mlp(int8, steps=150, lr=3e-3, nearest=False):
             for layer in model.modules():
                 if isinstance(layer, Int8Linear):
                     store = layer.store_weight_
-                    layer.store_weight_ = lambda w, generator=None, store=store: store(w)
+                    layer.store_weight_ = lambda w, seed=None, offset=0, store=store: store(w)
     proj = [m.weight for n, m in model.named_modules() if n.endswith("_proj")]
     opt = so.QGaLoreAdamW8bit([{"params": proj, "rank": 32, "update_proj_gap": 50,
                                 "scale": 1.0}], lr=lr, weight_decay=0.0)
@@ -197,9 +203,7 @@ def test_no_matching_module_is_a_clear_error():
 def test_stochastic_rounding_grid_keeps_every_draw_in_range():
     x = torch.linspace(-3, 5, 997)
     for seed in range(20):
-        codes, scales, zeros = quantize_groupwise_stochastic(
-            x, 128, torch.Generator().manual_seed(seed)
-        )
+        codes, scales, zeros = quantize_groupwise_stochastic(x, 128, _uniform(seed))
         y = dequantize_groupwise(codes, scales, zeros, x.numel(), 8, 128)
         step = scales.repeat_interleave(128)[: x.numel()]
         assert ((y - x).abs() <= step * (1 + 1e-5)).all()

@@ -47,7 +47,7 @@ def test_dct_selection_is_the_brute_force_top_k(m, n, seed, data):
     rank = data.draw(st.integers(1, d))
     proj = get_projector("dct")
     state = {}
-    low = proj.refresh(state, g, side, {"rank": rank, "sim_type": "matmul"})
+    low = proj.refresh(state, {"rank": rank, "sim_type": "matmul"}, g, side)
     q = dct2_matrix(d)
     scores = []
     for k in range(d):  # score each basis vector on its own
@@ -60,7 +60,7 @@ def test_dct_selection_is_the_brute_force_top_k(m, n, seed, data):
     assert {k for s, k in ranked if s > cutoff * (1 + 1e-5)} <= chosen
     assert all(s >= cutoff * (1 - 1e-5) for s, k in scores if k in chosen)
     # The projected gradient returned at a refresh is G Q[:, idx] (or its transpose side).
-    basis = proj.basis(state, side, g, {"rank": rank})
+    basis = proj.basis(state, {"rank": rank}, g, side)
     torch.testing.assert_close(low, proj.project(basis, g, side), atol=1e-5, rtol=1e-5)
 
 
@@ -78,7 +78,7 @@ def test_makhoul_fft_gives_the_matmul_product_and_selection(m, n, seed, data):
     picks = []
     for sim_type in ("matmul", "makhoul"):
         state = {}
-        proj.refresh(state, g, side, {"rank": rank, "sim_type": sim_type})
+        proj.refresh(state, {"rank": rank, "sim_type": sim_type}, g, side)
         picks.append(state["proj_indices"].tolist())
     if picks[0] != picks[1]:
         # Only a near-tie at the cut-off may differ between the two (rounding noise).
@@ -95,10 +95,10 @@ def test_makhoul_fft_gives_the_matmul_product_and_selection(m, n, seed, data):
 def test_flora_projection_is_reproducible_from_its_seed_alone(seed, m, n, data):
     side = "right" if m >= n else "left"
     rank = data.draw(st.integers(1, min(m, n)))
-    a = flora_basis(seed, (m, n), rank, side, CPU, torch.float32)
-    b = flora_basis(seed, (m, n), rank, side, CPU, torch.float32)
+    a = flora_basis(seed, (m, n), rank, side == "right", CPU, torch.float32)
+    b = flora_basis(seed, (m, n), rank, side == "right", CPU, torch.float32)
     assert torch.equal(a, b)
-    other = flora_basis(seed + 1, (m, n), rank, side, CPU, torch.float32)
+    other = flora_basis(seed + 1, (m, n), rank, side == "right", CPU, torch.float32)
     assert not torch.equal(a, other)
 
 
@@ -108,7 +108,7 @@ def test_flora_projection_is_isotropic_on_average():
     m, n, rank, draws = 12, 40, 4, 3000
     total = torch.zeros(m, m)
     for seed in range(draws):
-        p = flora_basis(seed, (m, n), rank, "left", CPU, torch.float32)  # m x r
+        p = flora_basis(seed, (m, n), rank, False, CPU, torch.float32)  # left: m x r
         total += p @ p.T
     mean = total / draws
     se = torch.full((m, m), math.sqrt(1 / (rank * draws)))
@@ -122,7 +122,7 @@ def _grass_estimate(g, rank, selection, seed):
     gen = torch.Generator().manual_seed(seed)
     idx, scales = select_rows(g.pow(2).sum(1), rank, selection, gen)
     state = {"proj_indices": idx, "proj_scales": scales}
-    basis = proj.basis(state, "left", g, {})
+    basis = proj.basis(state, {}, g, "left")
     return proj.project_back(basis, proj.project(basis, g, "left"), "left"), idx
 
 

@@ -33,8 +33,8 @@ def gradients(draw):
 
 def _refreshed(g, rank, side):
     state = {}
-    PROJ.refresh(state, g, side, {"rank": rank})
-    return PROJ.basis(state, side, g, {"rank": rank})
+    PROJ.refresh(state, {"rank": rank}, g, side)
+    return PROJ.basis(state, {"rank": rank}, g, side)
 
 
 @settings(max_examples=60, deadline=None)
@@ -115,12 +115,12 @@ def test_svd_failure_keeps_previous_basis_and_warns_once(monkeypatch):
 def test_non_finite_gradient_never_yields_a_nan_basis(monkeypatch):
     state = {}
     good = torch.randn(6, 4)
-    PROJ.refresh(state, good, "right", {"rank": 2})
+    PROJ.refresh(state, {"rank": 2}, good, "right")
     before = state["proj_basis"].clone()
     bad = good.clone()
     bad[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning):
-        PROJ.refresh(state, bad, "right", {"rank": 2})
+        PROJ.refresh(state, {"rank": 2}, bad, "right")
     assert torch.equal(state["proj_basis"], before)
 
 
@@ -128,5 +128,5 @@ def test_failure_before_any_basis_uses_coordinate_directions(monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", _failing_svd({torch.float32, torch.float64}))
     state = {}
     with pytest.warns(RuntimeWarning, match="first coordinate directions"):
-        SVDProjector().refresh(state, torch.randn(6, 4), "left", {"rank": 2})
+        SVDProjector().refresh(state, {"rank": 2}, torch.randn(6, 4), "left")
     torch.testing.assert_close(state["proj_basis"], torch.eye(6, 2))

@@ -17,6 +17,7 @@ pytest.importorskip("typer")
 from typer.testing import CliRunner  # noqa: E402
 
 from subspace_optim.cli import app  # noqa: E402
+from subspace_optim.optim import engine  # noqa: E402
 from subspace_optim.train import data, loop  # noqa: E402
 from subspace_optim.train.checkpoint import load_checkpoint, write_atomic  # noqa: E402
 from subspace_optim.train.config import ConfigError, load_config  # noqa: E402
@@ -59,27 +60,21 @@ def _assert_same_run(a, b):
 
 
 def _interrupt_in_the_middle_of_step(monkeypatch, at_step, params_before_signal=3):
-    """Wrap the optimizer that train() builds so that, during update number ``at_step``,
-    SIGINT arrives after a few parameters have been updated (in ordinary mode inside
-    optimizer.step(), in layer-wise mode inside backward)."""
-    build = loop.build_optimizer
+    """SIGINT arrives during update number ``at_step`` (0-based), after a few parameters
+    have been updated and before the others are (in ordinary mode inside optimizer.step(),
+    in layer-wise mode inside backward)."""
+    finish = engine.finish
+    calls = {"n": 0}
 
-    def wrapped(model, cfg):
-        opt = build(model, cfg)
-        original = opt._step_param
-        calls = {"n": 0}
+    def finish_one_by_one(opt, items, group):
         per_step = sum(len(g["params"]) for g in opt.param_groups)
-
-        def step_param(p, *args, **kwargs):
-            original(p, *args, **kwargs)
+        for item in items:
+            finish(opt, [item], group)
             calls["n"] += 1
             if calls["n"] == at_step * per_step + params_before_signal:
                 os.kill(os.getpid(), signal.SIGINT)
 
-        opt._step_param = step_param
-        return opt
-
-    monkeypatch.setattr(loop, "build_optimizer", wrapped)
+    monkeypatch.setattr(engine, "finish", finish_one_by_one)
 
 
 # --------------------------------------------------------------------------- point 9

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ._validate import check_positive_int
-from .nn.int8_linear import int8_layer_of
 from .optim.base import SubspaceOptimizer
+from .optim.targets import PARAMETER, target_of
 
 CLIP_MODES = ("global", "per_parameter")
 
@@ -40,19 +40,14 @@ class BackwardStepper:
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 self._group_index[id(p)] = index
-                layer = int8_layer_of(p)
-                if layer is not None:
-                    layer.weight_grad_hook = lambda grad, p=p: self._on_grad(p, grad)
-                elif p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_param))
+                target = target_of(p)
+                if target is not PARAMETER or p.requires_grad:
+                    # The hook fires with the accumulated gradient; for a leaf that got none
+                    # (GrassLinear hands its rows over directly) it does not.
+                    self._handles.append(
+                        target.register_grad_hook(p, lambda grad, p=p: self._on_grad(p, grad)))
 
     # ------------------------------------------------------------------ hooks
-    def _on_param(self, p: Tensor) -> None:
-        # The hook also fires when a function returned no gradient for the leaf (GrassLinear
-        # hands its rows over directly); there is nothing to accumulate then.
-        if p.grad is not None:
-            self._on_grad(p, p.grad)
-
     @torch.no_grad()
     def _on_grad(self, p: Tensor, grad: Tensor) -> None:
         opt = self.optimizer
@@ -63,21 +58,21 @@ class BackwardStepper:
         last = micro == k
         state["micro_step"] = 0 if last else micro
         if opt.projects(p, group) and k > 1:
-            opt._accumulate_projected(p, grad, group, start=micro == 1)
-            _release(p)
+            opt.accumulate(p, grad, start=micro == 1, group=group)
+            target_of(p).release_grad(p)
             if last:
-                taken = opt._take_window(p)
+                taken = opt.take_window(p)
                 if taken is None:
                     self._record_norm(torch.tensor(math.nan))
                 else:
                     window, refreshed = taken
-                    opt._step_param(p, grad, group, window=self._clipped(window),
-                                    refreshed=refreshed)
+                    opt.step_parameter(p, grad, window=self._clipped(window),
+                                       refreshed=refreshed, group=group)
             return
         if not last:  # a full-rank parameter accumulates in .grad as usual
             return
-        opt._step_param(p, self._clipped(grad), group)
-        _release(p)
+        opt.step_parameter(p, self._clipped(grad), group=group)
+        target_of(p).release_grad(p)
 
     @torch.no_grad()
     def on_projected_gradient(self, p: Tensor) -> None:
@@ -90,13 +85,13 @@ class BackwardStepper:
             state["micro_step"] = micro
             return
         state["micro_step"] = 0
-        taken = opt._take_window(p)
+        taken = opt.take_window(p)
         if taken is None:
             self._record_norm(torch.tensor(math.nan))
             return
         window, refreshed = taken
-        opt._step_param(p, None, opt.param_groups[self._group_index[id(p)]],
-                        window=self._clipped(window), refreshed=refreshed)
+        opt.step_parameter(p, None, window=self._clipped(window), refreshed=refreshed,
+                           group=opt.param_groups[self._group_index[id(p)]])
 
     def _clipped(self, grad: Tensor) -> Tensor:
         """Record the gradient's norm for the step and clip it: per parameter by its own
@@ -136,22 +131,9 @@ class BackwardStepper:
         """Detach the hooks: ``optimizer.step()`` updates parameters again."""
         for handle in self._handles:
             handle.remove()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                layer = int8_layer_of(p)
-                if layer is not None:
-                    layer.weight_grad_hook = None
         self._handles.clear()
         self.optimizer._backward_stepper = None
         self.optimizer._pending_clip_norm = self.clip_norm  # for a later stepper or save
-
-
-def _release(p: Tensor) -> None:
-    layer = int8_layer_of(p)
-    if layer is not None:
-        layer.weight_grad = None
-    else:
-        p.grad = None
 
 
 def step_in_backward(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..projectors.base import get_projector, resolve_side
+from ..projectors.base import Side, get_projector, resolve_side
 
 
 class _SparseGradLinearFunction(torch.autograd.Function):
@@ -81,7 +81,7 @@ class GrassLinear(nn.Module):
         if "proj_indices" not in state:
             return True
         group = self._group()
-        due = get_projector("grass").needs_refresh(state, state.get("step", 0), group)
+        due = get_projector("grass").needs_refresh(state, group, state.get("step", 0))
         return due and state.get("micro_step", 0) == 0
 
     def deliver_rows(self, grad_out: Tensor, x: Tensor) -> None:
@@ -92,11 +92,11 @@ class GrassLinear(nn.Module):
         idx = state["proj_indices"].int()
         scales = state["proj_scales"].to(grad_out.dtype)
         side = resolve_side(tuple(weight.shape), group["proj_type"])
-        if side == "left":
+        if side == Side.LEFT:
             low = (grad_out.index_select(1, idx).T @ x) * scales[:, None]
         else:
             low = (grad_out.T @ x.index_select(1, idx)) * scales[None, :]
-        self._optimizer._add_projected_gradient(weight, low)
+        self._optimizer.add_projected_gradient(weight, low)
         stepper = self._optimizer._backward_stepper
         if stepper is not None:
             stepper.on_projected_gradient(weight)

@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant.groupwise import (
-    dequantize_groupwise,
-    quantize_groupwise,
-    quantize_groupwise_stochastic,
-)
+from .. import ops
+from ..optim.targets import Target
+from ..quant.groupwise import dequantize_groupwise, quantize_groupwise
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -78,8 +76,12 @@ class Int8Linear(nn.Module):
         # Set by step_in_backward: called with the accumulated gradient after each backward,
         # the counterpart of a float parameter's post-accumulate-grad hook.
         self.weight_grad_hook = None
-        # The optimizer finds the layer from its weight (parameters are what it holds).
+        self._attach()
+
+    def _attach(self) -> None:
+        # The optimizer reaches the layer through its weight (parameters are what it holds).
         self.weight.int8_linear = self
+        self.weight.subspace_target = Int8Target(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> Int8Linear:
@@ -97,21 +99,23 @@ class Int8Linear(nn.Module):
         return flat.view(self.out_features, self.in_features).to(dtype)
 
     @torch.no_grad()
-    def store_weight_(self, w: Tensor, generator: torch.Generator | None = None) -> None:
-        """Quantise ``w`` into the stored codes: nearest rounding, or stochastic rounding
-        with ``generator`` (the optimizer's path)."""
-        if generator is None:
+    def store_weight_(self, w: Tensor, seed: int | None = None, offset: int = 0) -> None:
+        """Quantise ``w`` into the stored codes: nearest rounding, or, with a ``seed`` (the
+        optimizer's path), stochastic rounding with the counter-based draw of (``seed``,
+        ``offset``) (``ops.int8_sr_store_``)."""
+        if seed is None:
             codes, scales, zeros = quantize_groupwise(w, bits=8, group_size=self.group_size)
-        else:
-            codes, scales, zeros = quantize_groupwise_stochastic(w, self.group_size, generator)
-        self.weight.copy_(codes.view_as(self.weight))
-        self.weight_scales.copy_(scales)
-        self.weight_zeros.copy_(zeros)
+            self.weight.copy_(codes.view_as(self.weight))
+            self.weight_scales.copy_(scales)
+            self.weight_zeros.copy_(zeros)
+            return
+        ops.int8_sr_store_(self.weight, self.weight_scales, self.weight_zeros, w, seed, offset,
+                           self.group_size)
 
     def __setstate__(self, state: dict) -> None:
         # deepcopy and unpickling rebuild the weight Parameter without its attributes.
         super().__setstate__(state)
-        self.weight.int8_linear = self
+        self._attach()
 
     def forward(self, x: Tensor) -> Tensor:
         anchor = x.new_empty(0).requires_grad_() if torch.is_grad_enabled() else None
@@ -132,6 +136,46 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}")
+
+
+class Int8Target(Target):
+    """The optimizer's view of an INT8 weight: its gradient is ``layer.weight_grad``, its
+    update lands in a dequantised float copy, and that copy is stored back with stochastic
+    rounding drawn from a per-parameter seed and the step (so a resumed run draws the same
+    numbers)."""
+
+    def __init__(self, layer: Int8Linear) -> None:
+        self.layer = layer
+
+    def grad(self, p: Tensor) -> Tensor | None:
+        return self.layer.weight_grad
+
+    def release_grad(self, p: Tensor) -> None:
+        self.layer.weight_grad = None
+
+    def weight(self, p: Tensor) -> Tensor:
+        return self.layer.dequantized_weight()
+
+    def init_state(self, p: Tensor, state: dict, param_index: int) -> None:
+        state["sr_seed"] = torch.tensor(param_index, dtype=torch.int64)
+
+    def commit(self, p: Tensor, weight: Tensor, state: dict, step: int) -> None:
+        self.layer.store_weight_(weight, int(state["sr_seed"]), step)
+
+    def register_grad_hook(self, p: Tensor, hook):
+        self.layer.weight_grad_hook = hook
+        return _HookHandle(self.layer)
+
+    def zero_grad(self, p: Tensor) -> None:
+        self.layer.weight_grad = None
+
+
+class _HookHandle:
+    def __init__(self, layer: Int8Linear) -> None:
+        self.layer = layer
+
+    def remove(self) -> None:
+        self.layer.weight_grad_hook = None
 
 
 def int8_layer_of(p: Tensor) -> Int8Linear | None:

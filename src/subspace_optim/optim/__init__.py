@@ -2,7 +2,7 @@
 
 from .adafactor import GaLoreAdafactor, SubspaceAdafactor
 from .adamw import GaLoreAdamW, SubspaceAdamW
-from .base import RuleStep, SubspaceOptimizer
+from .base import SubspaceOptimizer
 from .eightbit import GaLoreAdamW8bit, QGaLoreAdamW8bit
 from .flora_adafactor import FloraAdafactor
 from .lion import SubspaceLion
@@ -19,7 +19,6 @@ __all__ = [
     "OnlineSubspaceAdamW",
     "QGaLoreAdamW",
     "QGaLoreAdamW8bit",
-    "RuleStep",
     "SubspaceAdafactor",
     "SubspaceAdamW",
     "SubspaceLion",

@@ -6,11 +6,12 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor
-
 from .._validate import check_bool, check_number, is_number, scalar_value
-from ..rules import adafactor as af
-from .base import RuleStep, SubspaceOptimizer
+from ..functional import subspace_adafactor
+from ..projectors.base import get_projector
+from . import engine
+from .base import SubspaceOptimizer
+from .hyperparameters import host_hyperparameters
 
 
 class SubspaceAdafactor(SubspaceOptimizer):
@@ -32,7 +33,6 @@ class SubspaceAdafactor(SubspaceOptimizer):
 
     rule_name = "adafactor"
     reprojectable_moments = frozenset({"exp_avg"})
-    default_projector = "galore"
 
     def __init__(
         self,
@@ -51,6 +51,7 @@ class SubspaceAdafactor(SubspaceOptimizer):
         state_bits: int | None = 32,
         skip_nonfinite: bool = False,
         extra_defaults: dict[str, Any] | None = None,
+        **flags: Any,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -66,7 +67,7 @@ class SubspaceAdafactor(SubspaceOptimizer):
             "skip_nonfinite": skip_nonfinite,
             **(extra_defaults or {}),
         }
-        super().__init__(params, defaults, projector=projector or self.default_projector)
+        super().__init__(params, defaults, projector=projector, **flags)
 
     def _validate_lr(self, group: dict) -> None:
         for key in ("scale_parameter", "relative_step", "warmup_init"):
@@ -97,35 +98,35 @@ class SubspaceAdafactor(SubspaceOptimizer):
         if beta1 is not None and (not is_number(beta1) or not 0 <= beta1 < 1):
             raise ValueError(f"Invalid beta1: {beta1!r} (must be None or in [0, 1))")
 
-    def _moment_specs(self, grad: Tensor, group: dict) -> dict:
-        shape = tuple(grad.shape)
+    def _moment_specs(self, shape: tuple[int, ...], group: dict) -> dict:
         specs = {}
         if group["beta1"]:
             specs["exp_avg"] = (shape, True)
-        if grad.dim() >= 2:
+        if len(shape) >= 2:
             specs["exp_avg_sq_row"] = (shape[:-1], False)
             specs["exp_avg_sq_col"] = (shape[:-2] + shape[-1:], False)
         else:
             specs["exp_avg_sq"] = (shape, False)
         return specs
 
-    @staticmethod
-    def _step_size(group: dict, step: int, param: Tensor) -> float | Tensor:
-        lr = af.relative_step_size(group["lr"], step, group["relative_step"],
-                                   group["warmup_init"])
-        if group["scale_parameter"]:
-            return af.rms(param.float()).clamp(min=group["eps"][1]) * lr
-        return lr
+    def _rule_kwargs(self, group: dict, impl: str) -> dict[str, Any]:
+        hp = host_hyperparameters(group)
+        return {"lr": hp["lr"], "eps": group["eps"], "clip_threshold": group["clip_threshold"],
+                "decay_rate": group["decay_rate"], "beta1": group["beta1"],
+                "weight_decay": group["weight_decay"],
+                "scale_parameter": group["scale_parameter"],
+                "relative_step": group["relative_step"], "warmup_init": group["warmup_init"],
+                "maximize": group["maximize"], "impl": impl}
 
-    def _rule_update(
-        self, grad: Tensor, moments: dict[str, Tensor], group: dict, step: int, param: Tensor
-    ) -> RuleStep:
-        lr_t = self._step_size(group, step, param)
-        update = af.adafactor_update(
-            grad, moments, step, lr=lr_t, beta1=group["beta1"], decay_rate=group["decay_rate"],
-            eps=group["eps"][0], clip_threshold=group["clip_threshold"],
+    def _run_rule(self, items: list[engine.Item], group: dict, impl: str) -> None:
+        projected = items[0].projected
+        subspace_adafactor(
+            [it.matrix for it in items], [it.low for it in items], [it.basis for it in items],
+            [it.moments for it in items], [it.step + 1 for it in items],
+            projector=get_projector(group["projector"]) if projected else None,
+            sides=[it.side for it in items], scale=group["scale"] if projected else 1.0,
+            **self._rule_kwargs(group, impl),
         )
-        return RuleStep(update, 1.0, group["weight_decay"] * lr_t)
 
 
 class GaLoreAdafactor(SubspaceAdafactor):

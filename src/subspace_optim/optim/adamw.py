@@ -5,11 +5,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor
+import torch
 
+from .. import ops
 from .._validate import check_betas, check_bool, check_choice, check_number
-from ..rules.adamw import CONVENTIONS, adamw_update
-from .base import RuleStep, SubspaceOptimizer
+from ..functional import subspace_adamw
+from ..functional._apply import apply_reference
+from ..projectors.base import get_projector
+from ..rules.adamw import CONVENTIONS, adamw_factor
+from . import engine, moments
+from .base import SubspaceOptimizer
+from .hyperparameters import host_hyperparameters, tensor_lr
+
+_FLAGS_DOC = """
+        foreach, fused: torch's implementation flags: ``foreach`` (default, also for
+            ``None``), the per-tensor reference with ``foreach=False``, the op seam's
+            kernels with ``fused=True`` (see ``subspace_optim.functional``).
+        maximize: maximise the objective instead (the gradient's sign is flipped).
+        capturable, differentiable: accepted as False only (see ``optim.base``)."""
 
 
 class SubspaceAdamW(SubspaceOptimizer):
@@ -39,9 +52,10 @@ class SubspaceAdamW(SubspaceOptimizer):
             ``projector`` (default: the class's ``default_projector``, ``"galore"``).
     """
 
+    __doc__ += _FLAGS_DOC
     rule_name = "adamw"
     reprojectable_moments = frozenset({"exp_avg", "exp_avg_sq"})
-    default_projector = "galore"
+    has_fused = True
     optional_group_keys = SubspaceOptimizer.optional_group_keys | {"correct_bias", "convention"}
 
     def __init__(
@@ -57,6 +71,11 @@ class SubspaceAdamW(SubspaceOptimizer):
         projector: str | None = None,
         state_bits: int | None = None,
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -68,7 +87,9 @@ class SubspaceAdamW(SubspaceOptimizer):
             "state_bits": state_bits,
             "skip_nonfinite": skip_nonfinite,
         }
-        super().__init__(params, defaults, projector=projector or self.default_projector)
+        super().__init__(params, defaults, projector=projector, foreach=foreach, fused=fused,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -82,27 +103,64 @@ class SubspaceAdamW(SubspaceOptimizer):
         check_choice(group, "convention", CONVENTIONS)
         check_bool(group, "correct_bias")
 
-    def _moment_specs(self, grad: Tensor, group: dict) -> dict:
-        return {"exp_avg": (tuple(grad.shape), True), "exp_avg_sq": (tuple(grad.shape), False)}
+    def _moment_specs(self, shape: tuple[int, ...], group: dict) -> dict:
+        return {"exp_avg": (shape, True), "exp_avg_sq": (shape, False)}
 
-    def _rule_update(
-        self, grad: Tensor, moments: dict[str, Tensor], group: dict, step: int, param: Tensor
-    ) -> RuleStep:
-        beta1, beta2 = group["betas"]
-        direction, factor = adamw_update(
-            grad,
-            moments["exp_avg"],
-            moments["exp_avg_sq"],
-            step,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            correct_bias=group["correct_bias"],
-            convention=group["convention"],
+    def _hyperparameters(self, group: dict, impl: str) -> dict[str, Any]:
+        hp = host_hyperparameters(group)
+        beta1, beta2 = hp["betas"]
+        return {"lr": tensor_lr(group, impl, hp), "beta1": beta1,
+                "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"],
+                "correct_bias": group["correct_bias"], "convention": group["convention"],
+                "maximize": group["maximize"]}
+
+    def _run_rule(self, items: list[engine.Item], group: dict, impl: str) -> None:
+        projected = items[0].projected
+        subspace_adamw(
+            [it.matrix for it in items], [it.low for it in items], [it.basis for it in items],
+            [it.moments["exp_avg"] for it in items], [it.moments["exp_avg_sq"] for it in items],
+            [it.step + 1 for it in items],
+            projector=get_projector(group["projector"]) if projected else None,
+            sides=[it.side for it in items], scale=group["scale"] if projected else 1.0,
+            impl=impl, **self._hyperparameters(group, impl),
         )
-        lr = group["lr"]
-        return RuleStep(direction, lr * factor, lr * group["weight_decay"],
-                        decay_after=group["convention"] == "galore")
+
+    def _wants_raw_moments(self, group: dict, impl: str) -> bool:
+        return impl == "fused" and group["state_bits"] == 8
+
+    def _run_rule_raw(self, items: list[engine.Item], group: dict) -> None:
+        """``fused=True`` with 8-bit states: the block-wise 8-bit op updates the codes
+        themselves (moments under 4096 elements stay float32, as always)."""
+        hp = self._hyperparameters(group, "fused")
+        galore = hp["convention"] == "galore"
+        projected = items[0].projected
+        projector = get_projector(group["projector"]) if projected else None
+        scale = group["scale"] if projected else 1.0
+        plain = []
+        for it in items:
+            specs = self._moment_specs(tuple(it.low.shape), group)
+            state = it.state
+            if "exp_avg" not in state:
+                for name, (shape, signed) in specs.items():
+                    moments.init_moment(state, name, shape, it.low, 8, signed)
+            if state["exp_avg"].dtype != torch.uint8:
+                plain.append(it)
+                continue
+            step = it.step + 1
+            direction = ops.blockwise8_adamw_update(
+                it.low, state["exp_avg"], state["exp_avg" + moments.ABSMAX],
+                state["exp_avg_sq"], state["exp_avg_sq" + moments.ABSMAX], step,
+                hp["beta1"], hp["beta2"], hp["eps"], galore, hp["correct_bias"],
+                hp["maximize"])
+            factor = adamw_factor(step, hp["beta1"], hp["beta2"], hp["correct_bias"],
+                                  hp["convention"])
+            apply_reference(it.matrix, direction, it.basis, projector,
+                            it.side if projected else None, scale, hp["lr"] * factor,
+                            hp["lr"] * hp["weight_decay"], decay_after=galore)
+        if plain:
+            engine.load_moments(self, plain, group)
+            self._run_rule(plain, group, "fused")
+            engine.store_moments(self, plain, group)
 
 
 class GaLoreAdamW(SubspaceAdamW):
@@ -124,19 +182,8 @@ class GaLoreAdamW(SubspaceAdamW):
         no_deprecation_warning: bool = False,
         *,
         convention: str = "galore",
-        projector: str | None = None,
-        state_bits: int | None = None,
-        skip_nonfinite: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            correct_bias=correct_bias,
-            convention=convention,
-            projector=projector,
-            state_bits=state_bits,
-            skip_nonfinite=skip_nonfinite,
-        )
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         correct_bias=correct_bias, convention=convention, **kwargs)
+

@@ -1,13 +1,22 @@
-"""Plumbing shared by every optimizer of the library: validation, routing of each parameter
-to a projected or full-rank update, the projector's life cycle, and checkpoint loading.
-
-Subclasses supply the inner rule through four hooks: ``_validate_rule_group``,
-``moment_names`` / ``nonnegative_moments`` and ``_rule_update``. They hold no math.
+"""``SubspaceOptimizer``: the ``torch.optim.Optimizer`` every class of the library is.
 
 Param groups follow galore-torch's contract: a group with the key ``rank`` is projected
 (its matrices; 1-D parameters in it get the full-rank update), a group without it is
 updated at full rank. Group values stay plain Python values so ``state_dict()`` loads with
 ``torch.load(weights_only=True)``.
+
+The work is split by concern: ``groups`` checks keys and values, ``engine`` gathers a step
+into buckets and dispatches them to the functional API, ``lifecycle`` runs the projector's
+refreshes, ``moments`` keeps state precision, ``targets`` says where gradients come from and
+updates land, ``accumulation`` keeps windows for updates inside backward, and
+``checkpoint`` checks state dicts before they load. This class is the plumbing between
+them; a subclass supplies its inner rule through ``_validate_rule_group``,
+``_moment_specs`` and ``_run_rule``.
+
+Implementations (torch's flags): ``foreach=None`` (default) or ``True`` runs the foreach
+path, ``foreach=False`` the per-tensor reference, ``fused=True`` the op seam's kernels.
+``maximize`` works; ``capturable`` and ``differentiable`` are refused: a subspace refresh is
+decided on the host, and no update here is differentiable.
 """
 
 from __future__ import annotations
@@ -16,106 +25,66 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._validate import check_bool, check_choice, check_lr, check_number, is_int, scalar_value
-from ..nn.int8_linear import int8_layer_of
-from ..projectors.base import (
-    REPROJECT,
-    RESET,
-    Projector,
-    get_projector,
-    matrix_shape,
-    resolve_side,
-)
-from . import checkpoint, moments
-from .groups import check_group_keys
-
-
-class RuleStep(NamedTuple):
-    """What an inner rule returns for one parameter.
-
-    direction: in the gradient's (possibly projected) space;
-    step_size: the update is ``-step_size * direction`` (times the projection's scale);
-    decay: decoupled weight decay, ``p <- p - decay * p``;
-    decay_after: apply it after the update (galore-torch) instead of before (torch).
-    """
-
-    direction: Tensor
-    step_size: float | Tensor
-    decay: float | Tensor
-    decay_after: bool = False
-
-
-def host_hyperparameters(group: dict) -> dict:
-    """The group with tensor hyperparameters (torch accepts a one-element tensor ``lr`` and
-    tensor ``betas``) read as Python numbers, as torch's non-capturable paths do; the group
-    itself when it holds none."""
-    betas = group.get("betas")
-    tensor_betas = isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)
-    if not isinstance(group["lr"], Tensor) and not tensor_betas:
-        return group
-    out = dict(group)
-    out["lr"] = scalar_value(group["lr"], "lr")
-    if tensor_betas:
-        out["betas"] = tuple(scalar_value(b, "betas") for b in betas)
-    return out
-
-
-def _nonzero(value: float | Tensor) -> bool:
-    return isinstance(value, Tensor) or value != 0
-
-
-def _int8_grad(p: Tensor) -> Tensor | None:
-    layer = int8_layer_of(p)
-    return None if layer is None else layer.weight_grad
-
-
-class _Projected(NamedTuple):
-    """A projected parameter's step in progress: the projector, the gradient as a matrix,
-    the side, the current basis (None: not built yet), the projected gradient, and whether
-    this step (or window) began with a refresh."""
-
-    projector: Projector
-    g: Tensor
-    side: str
-    basis: Any
-    low: Tensor | None
-    refreshed: bool
+from .._validate import check_lr
+from ..projectors.base import get_projector, matrix_shape, projected_shape, resolve_side
+from . import accumulation, checkpoint, engine
+from .groups import check_group_keys, prepare_projected_group, validate_common
+from .targets import target_of
 
 
 class SubspaceOptimizer(Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose projected groups update in a subspace."""
 
+    # Name of the inner rule; a state dict saved by one rule cannot be continued by another.
+    rule_name: str = ""
+    # Projector of groups that set ``rank`` but no ``projector`` (the constructor's
+    # ``projector=`` overrides it for one optimizer).
+    default_projector: str = "galore"
     # The rule's moments that are coordinates in the subspace and so move with it when a
-    # projector re-projects at a refresh (set by each rule's subclass).
+    # projector re-projects at a refresh.
     reprojectable_moments: frozenset[str] = frozenset()
     # Whether a rank larger than a matrix's smaller dimension is an error (it is, unless a
     # method decides per parameter whether to project, as Flora's Adafactor does).
     rank_must_fit: bool = True
+    # Whether the rule has kernels for ``fused=True``.
+    has_fused: bool = False
+    # Group keys a state dict of an older release may lack (filled in from the defaults).
+    optional_group_keys: frozenset[str] = frozenset({"state_bits", "skip_nonfinite",
+                                                     "foreach", "fused", "maximize"})
 
-    # Name of the inner rule; a state dict saved by one rule cannot be continued by another.
-    rule_name: str = ""
-    # Projector of groups that set ``rank`` but no ``projector``; named subclasses change it.
-    default_projector: str = "galore"
-
-    def __init__(self, params: Iterable, defaults: dict[str, Any], *, projector: str) -> None:
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *,
+                 projector: str | None = None, foreach: bool | None = None,
+                 fused: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False) -> None:
+        for flag, value in (("capturable", capturable), ("differentiable", differentiable)):
+            if value:
+                raise ValueError(
+                    f"{flag}=True is not supported by {type(self).__name__}: "
+                    + ("a subspace refresh is decided on the host, so a step cannot be "
+                       "captured whole" if flag == "capturable" else
+                       "its updates are not differentiable")
+                )
+        if fused and not self.has_fused:
+            raise ValueError(f"fused=True: {type(self).__name__} has no fused implementation "
+                             "(the kernels serve the AdamW rule); use foreach")
         # Read by add_param_group, which Optimizer.__init__ calls for every group.
-        self._default_projector = projector
+        self._default_projector = projector or type(self).default_projector
         # Set by subspace_optim.step_in_backward while parameters step inside backward.
         self._backward_stepper = None
         # Global-clipping reference of layer-wise mode, loaded before a stepper exists.
         self._pending_clip_norm = None
         self._nonfinite_skips = 0
+        defaults = {**defaults, "foreach": foreach, "fused": fused, "maximize": maximize}
         defaults.setdefault("skip_nonfinite", False)
         # Hyperparameters are checked before the parameters, as torch's optimizers do, so
         # that a bad lr is reported as such whatever the params argument.
-        self._validate_common(dict(defaults))
-        self._validate_rule_group(dict(defaults))
+        self._validate_values(dict(defaults))
         super().__init__(params, defaults)
         if not any("rank" in group for group in self.param_groups):
             warnings.warn(
@@ -141,9 +110,12 @@ class SubspaceOptimizer(Optimizer):
         self.__dict__.setdefault("_backward_stepper", None)
         self.__dict__.setdefault("_pending_clip_norm", None)
         self.__dict__.setdefault("_nonfinite_skips", 0)
-        self.defaults.setdefault("skip_nonfinite", False)
+        for key, value in (("skip_nonfinite", False), ("foreach", None), ("fused", None),
+                           ("maximize", False)):
+            self.defaults.setdefault(key, value)
+            for group in self.param_groups:
+                group.setdefault(key, value)
         for group in self.param_groups:
-            group.setdefault("skip_nonfinite", False)
             group.setdefault("state_bits", None)
 
     # ------------------------------------------------------------------ validation
@@ -153,7 +125,7 @@ class SubspaceOptimizer(Optimizer):
         group = self.param_groups[-1]
         try:
             self.check_group(group, given)
-        except ValueError:
+        except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
 
@@ -162,18 +134,16 @@ class SubspaceOptimizer(Optimizer):
         defaults; raise ``ValueError`` naming the first bad key or value. ``given``: the
         keys the user wrote, for the warning about projection keys without ``rank``."""
         check_group_keys(group, self.defaults, type(self).__name__, given)
-        self._validate_common(group)
-        self._validate_rule_group(group)
+        self._validate_values(group)
+        if group.get("fused") and not self.has_fused:
+            raise ValueError(f"fused=True: {type(self).__name__} has no fused implementation")
         if "rank" in group:
-            self._prepare_projected_group(group)
+            prepare_projected_group(group, self._default_projector, self.rank_must_fit)
 
-    def _validate_common(self, group: dict) -> None:
+    def _validate_values(self, group: dict) -> None:
         self._validate_lr(group)
-        group.setdefault("state_bits", None)
-        group.setdefault("skip_nonfinite", False)
-        check_choice(group, "state_bits", moments.STATE_BITS)
-        check_bool(group, "skip_nonfinite")
-        check_number(group, "weight_decay", 0.0, label="weight_decay value")
+        validate_common(group)
+        self._validate_rule_group(group)
 
     def _validate_lr(self, group: dict) -> None:
         check_lr(group)
@@ -181,27 +151,14 @@ class SubspaceOptimizer(Optimizer):
     def _validate_rule_group(self, group: dict) -> None:
         raise NotImplementedError
 
-    def _prepare_projected_group(self, group: dict) -> None:
-        group.setdefault("projector", self._default_projector)
-        projector = get_projector(group["projector"])
-        for key, value in projector.group_defaults.items():
-            group.setdefault(key, value)
-        rank = group["rank"]
-        if not is_int(rank) or rank < 1:
-            raise ValueError(f"Invalid rank: {rank!r} (must be an integer >= 1)")
-        projector.validate_group(group)
-        for p in group["params"]:
-            if p.dim() < 2 or not self.rank_must_fit:
-                continue
-            m, n = matrix_shape(p.shape)
-            if rank > min(m, n):
-                raise ValueError(
-                    f"Invalid rank: {rank} is larger than the smaller dimension of a parameter "
-                    f"of shape {tuple(p.shape)} (projected as a {m}x{n} matrix); use rank <= "
-                    f"{min(m, n)} or move this parameter to a group without 'rank'"
-                )
-
     # ------------------------------------------------------------------ stepping
+    @staticmethod
+    def implementation(group: dict) -> str:
+        """``"reference"``, ``"foreach"`` or ``"fused"``, from the group's flags."""
+        if group.get("fused"):
+            return "fused"
+        return "reference" if group.get("foreach") is False else "foreach"
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -213,26 +170,57 @@ class SubspaceOptimizer(Optimizer):
             self._backward_stepper.close_step()
             return loss
         for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad if p.grad is not None else _int8_grad(p)
-                if grad is not None:
-                    self._step_param(p, grad, group)
-                elif "window_grad" in self.state.get(p, {}):  # Grass's sparse weight gradient
-                    window, refreshed = self._take_window(p)
-                    self._step_param(p, None, group, window=window, refreshed=refreshed)
+            engine.step_group(self, group, self.implementation(group))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for group in self.param_groups:
             for p in group["params"]:
-                layer = int8_layer_of(p)
-                if layer is not None:
-                    layer.weight_grad = None
+                target_of(p).zero_grad(p)
 
     def projects(self, p: Tensor, group: dict) -> bool:
-        """Whether ``p`` is updated in a subspace (its group has ``rank`` and it is a matrix)."""
-        return "rank" in group and p.dim() >= 2
+        """Whether ``p`` is updated in a subspace: its group has ``rank`` and it is a
+        non-empty matrix (tensors of more than two dimensions count as matrices)."""
+        return "rank" in group and p.dim() >= 2 and p.numel() > 0
+
+    # ------------------------------------------------------------------ per parameter
+    def group_of(self, p: Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    @torch.no_grad()
+    def step_parameter(self, p: Tensor, grad: Tensor | None = None, *,
+                       window: Tensor | None = None, refreshed: bool = False,
+                       group: dict | None = None) -> None:
+        """Update ``p`` alone, now, from ``grad`` (default: its current gradient) or from an
+        accumulated projected gradient ``window`` (see :meth:`take_window`; ``grad`` is then
+        the window's last micro-batch, or ``None``). What updates in backward call."""
+        group = group if group is not None else self.group_of(p)
+        if grad is None and window is None:
+            grad = target_of(p).grad(p)
+            if grad is None:
+                return
+        item = engine.prepare(self, p, group, grad, window=window, refreshed=refreshed)
+        if item is not None:
+            engine.run(self, [item], group, self.implementation(group))
+
+    @torch.no_grad()
+    def accumulate(self, p: Tensor, grad: Tensor, *, start: bool,
+                   group: dict | None = None) -> None:
+        """Add ``grad``, projected, to ``p``'s accumulation window (``start``: the window's
+        first micro-batch, where its subspace is fixed and a due refresh happens)."""
+        accumulation.accumulate(self, p, grad, group or self.group_of(p), start)
+
+    @torch.no_grad()
+    def add_projected_gradient(self, p: Tensor, low: Tensor) -> None:
+        """Deposit a gradient that arrives already projected (Grass's sparse layer) into
+        ``p``'s window, where ``step`` (or the backward stepper) takes it."""
+        accumulation.add_projected(self, p, low)
+
+    def take_window(self, p: Tensor) -> tuple[Tensor, bool] | None:
+        """Remove ``p``'s finished window from its state: ``(projected gradient,
+        refreshed)``, or ``None`` when a non-finite micro-batch spoiled it."""
+        return accumulation.take(self, p)
 
     @property
     def nonfinite_skips(self) -> int:
@@ -247,128 +235,6 @@ class SubspaceOptimizer(Optimizer):
             self._nonfinite_skips += 1
             return True
         return False
-
-    def _step_param(
-        self, p: Tensor, grad: Tensor | None, group: dict, *, window: Tensor | None = None,
-        refreshed: bool = False,
-    ) -> None:
-        """Update one parameter from ``grad``; the unit that per-layer stepping calls.
-
-        ``window``: for a projected parameter, the projected gradient accumulated over a
-        gradient-accumulation window (see :meth:`_accumulate_projected`); ``grad`` is then
-        the window's last micro-batch, used only by projectors that learn from it, and
-        ``refreshed`` says whether the window began with a refresh. ``grad`` may be ``None``
-        when only the projected gradient was ever formed (Grass's sparse compute path).
-        """
-        if grad is not None:
-            self._check_grad(p, grad)
-        if self._skips_nonfinite(group, grad if window is None else window):
-            return
-        group = host_hyperparameters(group)
-        state = self.state[p]
-        step = state.get("step", 0)
-        layer = int8_layer_of(p)
-        # The float tensor the update is applied to: the parameter itself, or the
-        # dequantised weight of an INT8 layer (stored back with stochastic rounding).
-        target = p if layer is None else layer.dequantized_weight()
-        if self.projects(p, group):
-            if window is None:
-                parts = self._projected_gradient(p, grad, group, state, step, start=True)
-            else:
-                parts = self._subspace(p, grad, group, state)._replace(
-                    low=window, refreshed=refreshed
-                )
-            self._finish_projected(target, parts, group, state, step)
-        else:
-            rule = self._rule(grad, state, group, step, target)
-            self._apply(target, rule, 1.0, lambda alpha: target.add_(rule.direction, alpha=alpha))
-        if layer is not None:
-            layer.store_weight_(target, self._rounding_generator(p, state, step))
-        state["step"] = step + 1
-
-    def _subspace(self, p: Tensor, grad: Tensor | None, group: dict, state: dict) -> _Projected:
-        """The projector, gradient matrix and side of a projected parameter (no basis yet)."""
-        projector = get_projector(group["projector"])
-        # Without a full gradient (Grass's sparse path) the weight stands in for its shape.
-        g = (grad if grad is not None else p.detach()).reshape(matrix_shape(p.shape))
-        side = resolve_side(g.shape, group["proj_type"])
-        if "step" not in state:
-            projector.init_state(state, self._param_index(p), group)
-            state["step"] = 0
-        return _Projected(projector, g, side, None, None, False)
-
-    def _projected_gradient(
-        self, p: Tensor, grad: Tensor, group: dict, state: dict, step: int, start: bool
-    ) -> _Projected:
-        """Project ``grad``; at the ``start`` of a step (or window) refresh first if due."""
-        projector, g, side, _, _, _ = self._subspace(p, grad, group, state)
-        refreshed = start and projector.needs_refresh(state, step, group)
-        basis, low = self._project(projector, state, g, side, group, refreshed)
-        return _Projected(projector, g, side, basis, low, refreshed)
-
-    def _accumulate_projected(self, p: Tensor, grad: Tensor, group: dict, start: bool) -> None:
-        """Add ``grad``, projected, to the window's accumulator ``state["window_grad"]``
-        (r x n or m x r). The window's subspace is fixed by its first micro-batch
-        (``start``), where a due refresh happens; the full gradient is not kept."""
-        state = self.state[p]
-        if start:
-            state.pop("window_skip", None)
-        if state.get("window_skip") or self._skips_nonfinite(group, grad):
-            # A non-finite micro-batch spoils its whole window: nothing is projected or
-            # refreshed from it and the window's step is skipped (see take_window).
-            state.pop("window_grad", None)
-            state["window_skip"] = True
-            return
-        parts = self._projected_gradient(p, grad, group, state, state.get("step", 0), start)
-        if start:
-            state["window_grad"] = parts.low  # a new tensor: projections never alias grad
-            state["window_refreshed"] = parts.refreshed
-        else:
-            state["window_grad"].add_(parts.low)
-
-    def _take_window(self, p: Tensor) -> tuple[Tensor, bool] | None:
-        """Remove the finished window of ``p`` from its state: ``(projected gradient,
-        refreshed)``, or ``None`` when a non-finite micro-batch spoiled it."""
-        state = self.state[p]
-        if state.pop("window_skip", False):
-            state.pop("window_grad", None)
-            state.pop("window_refreshed", None)
-            return None
-        return state.pop("window_grad"), state.pop("window_refreshed")
-
-    def _add_projected_gradient(self, p: Tensor, low: Tensor) -> None:
-        """Deposit a gradient that arrives already projected (Grass's sparse compute path)
-        into the window accumulator, where ``step`` (or the backward stepper) takes it."""
-        state = self.state[p]
-        if "window_grad" in state:
-            state["window_grad"].add_(low)
-        else:
-            state["window_grad"] = low
-            state["window_refreshed"] = False
-
-    def _finish_projected(self, target: Tensor, parts: _Projected, group: dict, state: dict,
-                          step: int) -> None:
-        projector, g, side, basis, low, refreshed = parts
-        if basis is None:
-            basis = projector.basis(state, side, g, group)
-        matrix = (target if target.is_contiguous() else target.contiguous()).view(g.shape)
-        rule = self._rule(low, state, group, step, matrix)
-
-        def add_back(alpha: float) -> None:
-            projector.add_back_(basis, rule.direction, side, matrix, alpha)
-
-        self._apply(matrix, rule, group["scale"], add_back)
-        if matrix.data_ptr() != target.data_ptr():
-            target.copy_(matrix.view_as(target))
-        projector.after_update(state, g, side, basis, group, refreshed)
-
-    def _rounding_generator(self, p: Tensor, state: dict, step: int) -> torch.Generator:
-        """A generator for this step's stochastic rounding, derived from a per-parameter seed
-        and the step, so that a resumed run draws exactly what the uninterrupted one did."""
-        if "sr_seed" not in state:
-            state["sr_seed"] = torch.tensor(self._param_index(p), dtype=torch.int64)
-        seed = (int(state["sr_seed"]) * 1_000_003 + step) % (2**63 - 1)
-        return torch.Generator(device=p.device).manual_seed(seed)
 
     def _check_grad(self, p: Tensor, grad: Tensor) -> None:
         if grad.is_sparse:
@@ -387,94 +253,28 @@ class SubspaceOptimizer(Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         return next(i for i, q in enumerate(params, start=1) if q is p)
 
-    def _project(
-        self, projector: Projector, state: dict, g: Tensor, side: str, group: dict,
-        refresh: bool,
-    ) -> tuple[Any, Tensor]:
-        if not refresh:
-            basis = projector.basis(state, side, g, group)
-            return basis, projector.project(basis, g, side)
-        policy = projector.moment_policy(group)
-        stored = [name for name in self._moment_specs(g, group) if name in state]
-        old_basis = None
-        if policy == REPROJECT and stored:
-            old_basis = projector.basis(state, side, g, group)
-        low = projector.refresh(state, g, side, group)
-        basis = projector.basis(state, side, g, group)
-        if low is None:
-            low = projector.project(basis, g, side)
-        if stored and policy in (RESET, REPROJECT):
-            self._transition_moments(projector, state, group, stored, policy, old_basis, basis,
-                                     side, low)
-        return basis, low
-
-    def _transition_moments(
-        self, projector: Projector, state: dict, group: dict, names: list[str], policy: str,
-        old_basis: Any, basis: Any, side: str, low: Tensor,
-    ) -> None:
-        """Reset the moments, or carry those that live in the subspace into the new one
-        (second moments in absolute value, so they stay valid scales). Moments that are not
-        subspace coordinates (Adafactor's factored statistics) are kept under REPROJECT."""
-        bits = group.get("state_bits")
-        specs = self._moment_specs(low, group)
-        for name in names:
-            _, signed = specs[name]
-            if policy == RESET:
-                value = torch.zeros_like(moments.load_moment(state, name, bits, signed))
-            elif name in self.reprojectable_moments:
-                value = projector.reproject(
-                    old_basis, basis, moments.load_moment(state, name, bits, signed), side
-                )
-                if not signed:
-                    value = value.abs()
-            else:
-                continue
-            moments.store_moment(state, name, value, bits, signed)
-
-    def _rule(
-        self, grad: Tensor, state: dict, group: dict, step: int, target: Tensor
-    ) -> RuleStep:
-        bits = group.get("state_bits")
-        specs = self._moment_specs(grad, group)
-        if any(name not in state for name in specs):
-            for name, (shape, signed) in specs.items():
-                moments.init_moment(state, name, shape, grad, bits, signed)
-        compute = {name: moments.load_moment(state, name, bits, signed)
-                   for name, (_, signed) in specs.items()}
-        dtype = moments.compute_dtype(bits, grad)
-        rule = self._rule_update(grad.to(dtype), compute, group, step + 1, target)
-        for name, (_, signed) in specs.items():
-            moments.store_moment(state, name, compute[name], bits, signed)
-        return rule
-
-    def _moment_specs(self, grad: Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], bool]]:
-        """The rule's moments for a gradient of this shape: name -> (shape, signed)."""
+    # ------------------------------------------------------------------ the rule
+    def _moment_specs(self, shape: tuple[int, ...], group: dict) -> dict[str, tuple[tuple, bool]]:
+        """The rule's moments for a (projected) gradient of ``shape``: name -> (shape,
+        signed)."""
         raise NotImplementedError
 
-    def _rule_update(
-        self, grad: Tensor, moments: dict[str, Tensor], group: dict, step: int, param: Tensor
-    ) -> RuleStep:
-        """Update ``moments`` in place from ``grad`` (``step`` is 1-based); ``param`` is the
-        float weight (read only, e.g. for Adafactor's RMS)."""
+    def _run_rule(self, items: list[engine.Item], group: dict, impl: str) -> None:
+        """Apply the rule to a bucket through the functional API: each item's ``low``
+        (gradient in the compute dtype), ``moments`` (loaded), ``matrix`` (updated in
+        place), ``basis``, ``side`` and ``step``."""
         raise NotImplementedError
 
-    @staticmethod
-    def _apply(
-        target: Tensor, rule: RuleStep, scale: float, add_update: Callable[[float], None]
-    ) -> None:
-        """Decoupled weight decay ``target -= decay * target`` around the update
-        ``target += -scale * step_size * direction``, before it (torch's order) or after
-        it (galore-torch's)."""
-        if not rule.decay_after and _nonzero(rule.decay):
-            target.mul_(1 - rule.decay)
-        add_update(-scale * rule.step_size)
-        if rule.decay_after and _nonzero(rule.decay):
-            target.add_(target, alpha=-rule.decay)
+    def _wants_raw_moments(self, group: dict, impl: str) -> bool:
+        """Whether the rule reads and writes the stored moments itself (an 8-bit kernel
+        that dequantises in registers), through ``_run_rule_raw`` instead of ``_run_rule``
+        on loaded copies."""
+        return False
+
+    def _run_rule_raw(self, items: list[engine.Item], group: dict) -> None:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ checkpoints
-    # Group keys a state dict of an older release may lack (filled in by __setstate__).
-    optional_group_keys: frozenset[str] = frozenset({"state_bits", "skip_nonfinite"})
-
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus an entry saying which optimizer wrote it and, in
         layer-wise mode, the global-clipping reference (the last step's total norm)."""
@@ -514,14 +314,12 @@ class SubspaceOptimizer(Optimizer):
         return keys.union(*(get_projector(n).host_state_keys for n in names))
 
     def expected_state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
-        """The rule's moments this optimizer keeps for ``p`` in ``group``, with their shapes
-        (computed on meta tensors), for checking a state dict before loading it."""
+        """The rule's moments this optimizer keeps for ``p`` in ``group``, with their shapes,
+        for checking a state dict before loading it."""
         if self.projects(p, group):
-            m, n = matrix_shape(p.shape)
-            side = resolve_side((m, n), group["proj_type"])
-            r = group["rank"]
-            shape = (m, r) if side == "right" else (r, n)
+            shape = matrix_shape(p.shape)
+            side = resolve_side(shape, group["proj_type"])
+            shape = projected_shape(shape, group["rank"], side)
         else:
             shape = tuple(p.shape)
-        low = torch.empty(shape, device="meta")
-        return {name: spec[0] for name, spec in self._moment_specs(low, group).items()}
+        return {name: spec[0] for name, spec in self._moment_specs(shape, group).items()}

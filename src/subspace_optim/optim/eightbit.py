@@ -17,8 +17,6 @@ class GaLoreAdamW8bit(SubspaceAdamW):
     bitsandbytes' AdamW8bit: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2,
     moments under 4096 elements kept in float32)."""
 
-    default_projector = "galore"
-
     def __init__(self, params: Iterable, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, state_bits: int | None = 8, **kwargs) -> None:

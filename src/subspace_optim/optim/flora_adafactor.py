@@ -24,22 +24,25 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .._validate import check_bool
-from ..projectors.base import get_projector
-from ..rules import adafactor as af
+from ..functional import subspace_adafactor
+from ..projectors.base import Side, get_projector
+from . import engine
 from .adafactor import SubspaceAdafactor
-from .base import host_hyperparameters
 
 _FLORA = "flora"
 
 
 class FloraAdafactor(SubspaceAdafactor):
-    """Adafactor with Flora-compressed momentum; see the module docstring."""
+    """Adafactor with Flora-compressed momentum; see the module docstring. It runs the one
+    step path of the library (Adafactor's rule in Flora's order), so state precision
+    (``state_bits``, default 32 as in the reference), INT8 weights and the implementation
+    flags work as for every class."""
 
     rule_name = "flora_adafactor"
+    default_projector = _FLORA
     rank_must_fit = False
 
     def __init__(
@@ -59,7 +62,9 @@ class FloraAdafactor(SubspaceAdafactor):
         factorize_second_moment: bool = True,
         seed: int = 0,
         *,
+        state_bits: int | None = 32,
         skip_nonfinite: bool = False,
+        **flags: Any,
     ) -> None:
         extra: dict[str, Any] = {
             "factorize_second_moment": factorize_second_moment,
@@ -70,8 +75,8 @@ class FloraAdafactor(SubspaceAdafactor):
             extra["rank"] = rank
         super().__init__(
             params, lr, eps, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter,
-            relative_step, warmup_init, projector=_FLORA, state_bits=None,
-            skip_nonfinite=skip_nonfinite, extra_defaults=extra,
+            relative_step, warmup_init, projector=_FLORA, state_bits=state_bits,
+            skip_nonfinite=skip_nonfinite, extra_defaults=extra, **flags,
         )
 
     def _validate_rule_group(self, group: dict) -> None:
@@ -83,100 +88,59 @@ class FloraAdafactor(SubspaceAdafactor):
         return False
 
     @staticmethod
-    def _compressed(group: dict, shape: torch.Size, factored: bool) -> bool:
-        beta1 = group["beta1"]
-        if not (beta1 and "rank" in group and factored):
+    def _compressed(group: dict, shape: tuple[int, ...]) -> bool:
+        """Flora's rule: a factored matrix with min(shape) >= rank and max/min <= 4 (so
+        embeddings keep their momentum at full size)."""
+        factored = len(shape) == 2 and group["factorize_second_moment"]
+        if not (group["beta1"] and "rank" in group and factored):
             return False
         return min(shape) >= group["rank"] and max(shape) / min(shape) <= 4
 
-    def expected_state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
-        shape = tuple(p.shape)
+    @staticmethod
+    def _side(shape: tuple[int, ...]) -> Side:
+        return Side.LEFT if shape[0] < shape[-1] else Side.RIGHT
+
+    def _moment_specs(self, shape: tuple[int, ...], group: dict) -> dict:
         factored = len(shape) == 2 and group["factorize_second_moment"]
-        out = {}
+        specs = {}
         if group["beta1"]:
-            compressed = self._compressed(group, p.shape, factored)
-            if compressed:
+            if self._compressed(group, shape):
                 m, n = shape
                 r = group["rank"]
-                out["exp_avg"] = (r, n) if m < n else (m, r)
+                specs["exp_avg"] = ((r, n) if self._side(shape) == Side.LEFT else (m, r), True)
             else:
-                out["exp_avg"] = shape
+                specs["exp_avg"] = (shape, True)
         if factored:
-            out["exp_avg_sq_row"], out["exp_avg_sq_col"] = shape[:-1], shape[:-2] + shape[-1:]
+            specs["exp_avg_sq_row"] = (shape[:-1], False)
+            specs["exp_avg_sq_col"] = (shape[:-2] + shape[-1:], False)
         else:
-            out["exp_avg_sq"] = shape
-        return out
+            specs["exp_avg_sq"] = (shape, False)
+        return specs
 
-    def _step_param(self, p: Tensor, grad: Tensor, group: dict) -> None:
-        self._check_grad(p, grad)
-        if self._skips_nonfinite(group, grad):
-            return
-        group = host_hyperparameters(group)
-        state = self.state[p]
-        g = grad.float()
-        p32 = p if p.dtype == torch.float32 else p.float()
-        factored = g.dim() == 2 and group["factorize_second_moment"]
-        compressed = self._compressed(group, g.shape, factored)
-        side = "left" if g.shape[0] < g.shape[-1] else "right"
+    def _momentum_bases(self, item: engine.Item, group: dict) -> tuple[Any, Any] | None:
+        """The momentum's basis of this step and, when the step resamples (step % kappa ==
+        0, 1-based, as in the reference), the new one."""
+        shape = tuple(item.low.shape)
+        if not self._compressed(group, shape):
+            return None
         projector = get_projector(_FLORA)
-        if "step" not in state:
-            self._init_state(p, state, g, group, factored, compressed, side)
-        step = state["step"] + 1
+        state, side = item.state, self._side(shape)
+        if "proj_seed" not in state:
+            projector.init_state(state, group, self._param_index(item.p))
+        basis = projector.basis(state, group, item.low, side)
+        if (item.step + 1) % group["update_proj_gap"] != 0:
+            return basis, None
+        projector.refresh(state, group, item.low, side)
+        return basis, projector.basis(state, group, item.low, side)
 
-        lr_t = af.relative_step_size(group["lr"], step, group["relative_step"],
-                                     group["warmup_init"])
-        if group["scale_parameter"]:
-            lr_t = af.rms(p32).clamp(min=group["eps"][1]) * lr_t
-        beta2 = af.decay_beta2(step, group["decay_rate"])
-        eps1 = group["eps"][0]
-        if factored:
-            update = af.factored_preconditioned(
-                g, state["exp_avg_sq_row"], state["exp_avg_sq_col"], beta2, eps1
-            )
-        else:
-            update = af.full_preconditioned(g, state["exp_avg_sq"], beta2, eps1)
+    def _run_rule(self, items: list[engine.Item], group: dict, impl: str) -> None:
+        momentum = [self._momentum_bases(it, group) for it in items]
+        subspace_adafactor(
+            [it.matrix for it in items], [it.low for it in items], [None] * len(items),
+            [it.moments for it in items], [it.step + 1 for it in items],
+            flora_momentum=True, momentum_projector=get_projector(_FLORA),
+            momentum_bases=momentum, momentum_sides=[self._side(tuple(it.low.shape))
+                                                     for it in items],
+            **self._rule_kwargs(group, impl),
+        )
 
-        beta1 = group["beta1"]
-        if beta1 and not compressed:
-            update = update * (1 - beta1) + state["exp_avg"] * beta1
-            state["exp_avg"].copy_(update)
-        elif compressed:
-            basis = projector.basis(state, side, g, group)
-            raw = update
-            momentum = projector.project_back(basis, state["exp_avg"], side)
-            update = raw * (1 - beta1) + momentum * beta1
-            if step % group["update_proj_gap"] == 0:
-                projector.refresh(state, g, side, group)
-                new_basis = projector.basis(state, side, g, group)
-                state["exp_avg"] = projector.reproject(basis, new_basis, state["exp_avg"], side)
-                basis = new_basis
-            state["exp_avg"] = state["exp_avg"] * beta1 + projector.project(basis, raw, side) * (
-                1 - beta1
-            )
-
-        af.clip_by_rms_(update, group["clip_threshold"])
-        update = update * lr_t
-        if group["weight_decay"] != 0:
-            p32.add_(p32 * (-group["weight_decay"] * lr_t))
-        p32.sub_(update)
-        if p32 is not p:
-            p.copy_(p32)
-        state["step"] = step
-
-    def _init_state(
-        self, p: Tensor, state: dict, g: Tensor, group: dict, factored: bool, compressed: bool,
-        side: str,
-    ) -> None:
-        state["step"] = 0
-        if compressed:
-            get_projector(_FLORA).init_state(state, self._param_index(p), group)
-            m, n = g.shape
-            r = group["rank"]
-            state["exp_avg"] = g.new_zeros((r, n) if side == "left" else (m, r))
-        elif group["beta1"]:
-            state["exp_avg"] = torch.zeros_like(g)
-        if factored:
-            state["exp_avg_sq_row"] = g.new_zeros(g.shape[:-1])
-            state["exp_avg_sq_col"] = g.new_zeros(g.shape[:-2] + g.shape[-1:])
-        else:
-            state["exp_avg_sq"] = torch.zeros_like(g)

@@ -13,7 +13,9 @@ import difflib
 import warnings
 from collections.abc import Iterable
 
-from ..projectors.base import registered_group_keys
+from .._validate import check_bool, check_choice, check_number, is_int
+from ..projectors.base import get_projector, matrix_shape, registered_group_keys
+from . import moments
 
 # Keys torch itself puts into groups: named parameters, and the LR/momentum schedulers.
 TORCH_GROUP_KEYS = frozenset({
@@ -21,7 +23,8 @@ TORCH_GROUP_KEYS = frozenset({
     "max_momentum", "momentum", "swa_lr",
 })
 # Keys of this library that every optimizer class reads.
-LIBRARY_GROUP_KEYS = frozenset({"rank", "projector", "state_bits", "skip_nonfinite"})
+LIBRARY_GROUP_KEYS = frozenset({"rank", "projector", "state_bits", "skip_nonfinite",
+                                "foreach", "fused", "maximize", "capturable", "differentiable"})
 # A ratio of difflib's SequenceMatcher at or above this is a near miss; 0.8 catches one
 # wrong or swapped letter in keys of 5+ letters while leaving e.g. "lr_scale" (0.77 from
 # "scale") alone.
@@ -84,3 +87,45 @@ def check_group_keys(group: dict, rule_keys: Iterable[str], owner: str,
             UserWarning,
             stacklevel=5,
         )
+
+
+def validate_common(group: dict) -> None:
+    """The values every class reads: lr, weight decay, state precision, skip_nonfinite and
+    the implementation flags."""
+    group.setdefault("state_bits", None)
+    group.setdefault("skip_nonfinite", False)
+    check_choice(group, "state_bits", moments.STATE_BITS)
+    check_bool(group, "skip_nonfinite")
+    check_number(group, "weight_decay", 0.0, label="weight_decay value")
+    for flag in ("foreach", "fused"):
+        if group.get(flag) is not None:
+            check_bool(group, flag)
+    if group.get("foreach") and group.get("fused"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if "maximize" in group:
+        check_bool(group, "maximize")
+
+
+def prepare_projected_group(group: dict, default_projector: str, rank_must_fit: bool) -> None:
+    """Fill in the projector's defaults and check the projection's values (``rank``
+    against every matrix of the group)."""
+    group.setdefault("projector", default_projector)
+    projector = get_projector(group["projector"])
+    for key, value in projector.group_defaults.items():
+        group.setdefault(key, value)
+    rank = group["rank"]
+    if not is_int(rank) or rank < 1:
+        raise ValueError(f"Invalid rank: {rank!r} (must be an integer >= 1)")
+    projector.validate_group(group)
+    if not rank_must_fit:
+        return
+    for p in group["params"]:
+        if p.dim() < 2 or p.numel() == 0:  # vectors and empty tensors are not projected
+            continue
+        m, n = matrix_shape(p.shape)
+        if rank > min(m, n):
+            raise ValueError(
+                f"Invalid rank: {rank} is larger than the smaller dimension of a parameter "
+                f"of shape {tuple(p.shape)} (projected as a {m}x{n} matrix); use rank <= "
+                f"{min(m, n)} or move this parameter to a group without 'rank'"
+            )

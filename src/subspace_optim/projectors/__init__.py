@@ -1,6 +1,7 @@
 """Projectors: one file per method, each registered under its group-key name."""
 
 # Importing each module registers its projector under its group-key name.
+from ..ops.flora import flora_basis
 from . import dct, flora, grass, online_pca, q_galore, svd  # noqa: F401
 from .base import (
     KEEP,
@@ -10,14 +11,16 @@ from .base import (
     RESET,
     MatrixProjector,
     Projector,
+    Side,
     get_projector,
     matrix_shape,
+    projected_shape,
     register_projector,
     registered_projectors,
     resolve_side,
 )
 from .dct import DCTProjector, dct2_makhoul, dct_basis
-from .flora import FloraProjector, flora_basis
+from .flora import FloraProjector
 from .grass import GrassProjector
 from .online_pca import OnlinePCAProjector
 from .q_galore import QGaLoreProjector
@@ -39,6 +42,8 @@ __all__ = [
     "RESET",
     "MatrixProjector",
     "Projector",
+    "Side",
+    "projected_shape",
     "SVDProjector",
     "get_projector",
     "matrix_shape",

@@ -5,20 +5,22 @@ optimizer, and everything it remembers about one parameter lives in that paramet
 ``optimizer.state[p]`` as tensors or plain ints/floats, under keys that start with
 ``proj_``. That is what keeps checkpoints loadable with ``torch.load(weights_only=True)``.
 
-The optimizer drives a projector through one step of a projected parameter like this
-(``G`` is the gradient viewed as an ``m x n`` matrix, ``side`` comes from :func:`resolve_side`)::
+Every hook that reads or writes the state takes ``(state, group, grad, side, ...)`` in that
+order; every hook that applies a basis takes ``(basis, tensor, side, ...)``. The optimizer
+drives one step of a projected parameter like this (``G`` is the gradient viewed as an
+``m x n`` matrix, ``side`` comes from :func:`resolve_side`)::
 
     if first touch:
-        projector.init_state(state, param_index, group)  # e.g. Flora's seed
-    if projector.needs_refresh(state, step, group):
-        old = projector.basis(state, side, G, group)          # only when moments are re-projected
-        low = projector.refresh(state, G, side, group)  # may return project(G) for free
+        projector.init_state(state, group, param_index)      # e.g. Flora's seed
+    if projector.needs_refresh(state, group, step):
+        old = projector.basis(state, group, G, side)         # only when moments move
+        low = projector.refresh(state, group, G, side)       # may return project(G) for free
         ... moments kept, re-projected or reset, per projector.moment_policy(group)
-    basis = projector.basis(state, side, G, group)             # transient, rebuilt each step
-    low = projector.project(basis, G, side)             # unless refresh returned it
-    N = inner_rule(low, moments)                        # AdamW, ...
-    projector.add_back_(basis, N, side, W, alpha)       # W += alpha * project_back(N)
-    projector.after_update(state, G, side, basis, group, refreshed)
+    basis = projector.basis(state, group, G, side)           # transient, rebuilt each step
+    low = projector.project(basis, G, side)                  # unless refresh returned it
+    N = inner_rule(low, moments)                             # AdamW, ...
+    projector.update_weight_(basis, N, side, W, alpha, beta) # W <- beta W + alpha back(N)
+    projector.after_update(state, group, G, side, basis, refreshed)
 
 ``basis`` is whatever the method needs to apply its projection: a dense matrix for GaLore
 (stored), DCT (gathered from a shared table), Flora (regenerated from a seed) or Q-GaLore
@@ -32,12 +34,25 @@ basis is ``m x r`` (``R = B^T G``, back ``B N``).
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._validate import check_number, check_positive_int
+
+
+class Side(str, Enum):
+    """Which dimension of an ``m x n`` matrix a projection reduces. A ``str`` enum, so that
+    ``side == "left"`` also holds for the plain strings older code passes."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -56,8 +71,8 @@ def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
     return int(shape[0]), rest
 
 
-def resolve_side(shape: tuple[int, int], proj_type: str) -> str:
-    """Which side of an ``m x n`` matrix is projected: ``"left"`` (rows) or ``"right"``.
+def resolve_side(shape: tuple[int, int], proj_type: str) -> Side:
+    """Which side of an ``m x n`` matrix is projected.
 
     ``std`` projects the smaller dimension so that states are ``m x r`` for tall matrices
     and ``r x n`` for wide ones (GaLore's rule; ties go right, as in galore-torch).
@@ -65,12 +80,18 @@ def resolve_side(shape: tuple[int, int], proj_type: str) -> str:
     """
     m, n = shape
     if proj_type == "std":
-        return "right" if m >= n else "left"
+        return Side.RIGHT if m >= n else Side.LEFT
     if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
+        return Side.LEFT if m >= n else Side.RIGHT
     if proj_type in ("left", "right"):
-        return proj_type
+        return Side(proj_type)
     raise ValueError(f"Invalid proj_type: {proj_type!r} (expected one of {PROJ_TYPES})")
+
+
+def projected_shape(shape: tuple[int, int], rank: int, side: Side) -> tuple[int, int]:
+    """Shape of the projected gradient (and of the rule's moments) of an ``m x n`` matrix."""
+    m, n = shape
+    return (m, rank) if side == Side.RIGHT else (rank, n)
 
 
 def index_dtype(size: int) -> torch.dtype:
@@ -83,20 +104,36 @@ class Projector:
     """Base class of the projector strategies; see the module docstring for the protocol.
 
     Subclasses set ``name`` (the registry key used as the group key ``projector``) and
-    ``group_defaults`` (the group keys they read, with their defaults), and implement
-    ``needs_refresh``, ``refresh``, ``basis``, ``project``, ``project_back`` and ``add_back_``.
+    ``defaults`` (the group keys they add or whose defaults they change: ``group_defaults``
+    is the parent's updated with them), and implement ``refresh``, ``basis``, ``project``,
+    ``project_back`` and ``update_weight_``.
     """
 
     name: ClassVar[str]
-    group_defaults: ClassVar[dict[str, Any]] = {
+    defaults: ClassVar[dict[str, Any]] = {
         "update_proj_gap": 200,
         "scale": 0.25,
         "proj_type": "std",
     }
+    group_defaults: ClassVar[dict[str, Any]] = dict(defaults)
     proj_types: ClassVar[tuple[str, ...]] = PROJ_TYPES
     # State keys that stay on the CPU whatever the parameter's device (e.g. a seed read
     # by the host); all other state tensors follow the parameter on load.
     host_state_keys: ClassVar[frozenset[str]] = frozenset()
+    # The state key whose absence means the subspace was never computed (None: the method
+    # needs no first refresh), and whether it is refreshed every ``update_proj_gap`` steps.
+    basis_key: ClassVar[str | None] = None
+    periodic: ClassVar[bool] = True
+    # Whether ``basis`` is a dense matrix (the fused kernels and the foreach path apply
+    # those directly).
+    dense: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("defaults")
+        if own is not None:
+            parent = next(b for b in cls.__mro__[1:] if hasattr(b, "group_defaults"))
+            cls.group_defaults = {**parent.group_defaults, **own}
 
     def validate_group(self, group: dict) -> None:
         """Raise ``ValueError`` naming any bad group value this projector reads."""
@@ -112,16 +149,19 @@ class Projector:
         """What the optimizer does to its moments after a refresh: KEEP, REPROJECT or RESET."""
         return KEEP
 
-    def init_state(self, state: dict, param_index: int, group: dict) -> None:
+    def init_state(self, state: dict, group: dict, param_index: int) -> None:
         """Called once per parameter before its first step. ``param_index`` is the 1-based
         position of the parameter in the optimizer's param groups (stable across runs of
         the same model), from which seeded methods derive a per-parameter seed."""
 
-    def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
-        """Whether to compute a new subspace before projecting at ``step`` (0-based)."""
-        raise NotImplementedError
+    def needs_refresh(self, state: dict, group: dict, step: int) -> bool:
+        """Whether to compute a new subspace before projecting at ``step`` (0-based): when
+        none was ever computed, and every ``update_proj_gap`` steps after that."""
+        if self.basis_key is not None and self.basis_key not in state:
+            return True
+        return self.periodic and step > 0 and step % group["update_proj_gap"] == 0
 
-    def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> Tensor | None:
+    def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> Tensor | None:
         """Compute a new subspace from ``grad`` into ``state``.
 
         Must assign new tensors rather than write into old ones, so that a basis taken
@@ -130,27 +170,31 @@ class Projector:
         """
         raise NotImplementedError
 
-    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> Any:
-        """The transient operator ``project``/``project_back`` apply (see module docstring)."""
+    def basis(self, state: dict, group: dict, grad: Tensor, side: Side) -> Any:
+        """The transient operator ``project``/``project_back`` apply (see module docstring);
+        ``grad`` gives the matrix's shape, dtype and device."""
         raise NotImplementedError
 
-    def project(self, basis: Any, grad: Tensor, side: str) -> Tensor:
+    def project(self, basis: Any, grad: Tensor, side: Side) -> Tensor:
         raise NotImplementedError
 
-    def project_back(self, basis: Any, low: Tensor, side: str) -> Tensor:
+    def project_back(self, basis: Any, low: Tensor, side: Side) -> Tensor:
         raise NotImplementedError
 
-    def add_back_(self, basis: Any, low: Tensor, side: str, out: Tensor, alpha: float) -> None:
-        """``out += alpha * project_back(low)`` without a full-size temporary where possible."""
-        out.add_(self.project_back(basis, low, side).to(out.dtype), alpha=alpha)
+    def update_weight_(self, basis: Any, low: Tensor, side: Side, weight: Tensor,
+                       alpha: float, beta: float = 1.0) -> None:
+        """``weight <- beta * weight + alpha * project_back(low)``, in place and without a
+        full-size temporary where the method allows (``beta`` folds in weight decay)."""
+        if beta != 1.0:
+            weight.mul_(beta)
+        weight.add_(self.project_back(basis, low, side).to(weight.dtype), alpha=alpha)
 
-    def reproject(self, old_basis: Any, new_basis: Any, moment: Tensor, side: str) -> Tensor:
+    def reproject(self, old_basis: Any, new_basis: Any, moment: Tensor, side: Side) -> Tensor:
         """Carry a moment from the old subspace into the new one."""
         return self.project(new_basis, self.project_back(old_basis, moment, side), side)
 
-    def after_update(
-        self, state: dict, grad: Tensor, side: str, basis: Any, group: dict, refreshed: bool
-    ) -> None:
+    def after_update(self, state: dict, group: dict, grad: Tensor, side: Side, basis: Any,
+                     refreshed: bool) -> None:
         """Called once the parameter has been updated (``refreshed``: a refresh happened
         this step); methods that learn their basis online (OSD) take their step here."""
 
@@ -158,26 +202,30 @@ class Projector:
 class MatrixProjector(Projector):
     """A projector whose basis is a dense matrix: ``r x n`` on the right, ``m x r`` on the left."""
 
-    def project(self, basis: Tensor, grad: Tensor, side: str) -> Tensor:
-        return grad @ basis.T if side == "right" else basis.T @ grad
+    dense = True
 
-    def project_back(self, basis: Tensor, low: Tensor, side: str) -> Tensor:
-        return low @ basis if side == "right" else basis @ low
+    def project(self, basis: Tensor, grad: Tensor, side: Side) -> Tensor:
+        return grad @ basis.T if side == Side.RIGHT else basis.T @ grad
 
-    def reproject(self, old_basis: Tensor, new_basis: Tensor, moment: Tensor, side: str) -> Tensor:
+    def project_back(self, basis: Tensor, low: Tensor, side: Side) -> Tensor:
+        return low @ basis if side == Side.RIGHT else basis @ low
+
+    def reproject(self, old_basis: Tensor, new_basis: Tensor, moment: Tensor, side: Side) -> Tensor:
         # Moments may be kept at a higher precision than the basis (state_bits=32 with bf16
         # weights): carry them at theirs.
         dtype = moment.dtype
         back = self.project_back(old_basis.to(dtype), moment, side)
         return self.project(new_basis.to(dtype), back, side)
 
-    def add_back_(self, basis: Tensor, low: Tensor, side: str, out: Tensor, alpha: float) -> None:
-        low = low.to(out.dtype)
-        basis = basis.to(out.dtype)
-        if side == "right":
-            out.addmm_(low, basis, alpha=alpha)
+    def update_weight_(self, basis: Tensor, low: Tensor, side: Side, weight: Tensor,
+                       alpha: float, beta: float = 1.0) -> None:
+        # One GEMM that reads and writes the weight once: beta folds in weight decay.
+        low = low.to(weight.dtype)
+        basis = basis.to(weight.dtype)
+        if side == Side.RIGHT:
+            weight.addmm_(low, basis, beta=beta, alpha=alpha)
         else:
-            out.addmm_(basis, low, alpha=alpha)
+            weight.addmm_(basis, low, beta=beta, alpha=alpha)
 
 
 _REGISTRY: dict[str, Projector] = {}

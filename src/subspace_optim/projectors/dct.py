@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_bool, check_choice
-from .base import KEEP, REPROJECT, MatrixProjector, index_dtype, register_projector
+from .base import KEEP, REPROJECT, MatrixProjector, Side, index_dtype, register_projector
 
 SIM_TYPES = ("matmul", "makhoul")
 
@@ -67,13 +67,8 @@ class DCTProjector(MatrixProjector):
     """Top-``rank`` DCT-II columns by gradient energy; state ``proj_indices`` (int16)."""
 
     name = "dct"
-    group_defaults = {
-        "update_proj_gap": 1,
-        "scale": 1.0,
-        "proj_type": "std",
-        "rotate_subspace": False,
-        "sim_type": "matmul",
-    }
+    defaults = {"update_proj_gap": 1, "scale": 1.0, "rotate_subspace": False, "sim_type": "matmul"}
+    basis_key = "proj_indices"
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)
@@ -83,10 +78,7 @@ class DCTProjector(MatrixProjector):
     def moment_policy(self, group: dict) -> str:
         return REPROJECT if group["rotate_subspace"] else KEEP
 
-    def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
-        return "proj_indices" not in state or step % group["update_proj_gap"] == 0
-
-    def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> Tensor:
+    def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> Tensor:
         scores_of = transformed(grad, side, group["sim_type"])
         dim = 0 if side == "right" else 1
         scores = scores_of.abs().sum(dim=dim)
@@ -94,14 +86,14 @@ class DCTProjector(MatrixProjector):
         state["proj_indices"] = indices.to(index_dtype(scores.numel()))
         return scores_of.index_select(1 - dim, indices)
 
-    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> Tensor:
+    def basis(self, state: dict, group: dict, grad: Tensor, side: Side) -> Tensor:
         size = grad.shape[1] if side == "right" else grad.shape[0]
         columns = dct_basis(size, grad.dtype, grad.device).index_select(
             1, state["proj_indices"].int()
         )
         return columns.T if side == "right" else columns
 
-    def reproject(self, old_basis: Tensor, new_basis: Tensor, moment: Tensor, side: str) -> Tensor:
+    def reproject(self, old_basis: Tensor, new_basis: Tensor, moment: Tensor, side: Side) -> Tensor:
         # r x r rotation instead of a full-size back-and-forth projection, at the moment's
         # precision (it may exceed the basis's: state_bits=32 with bf16 weights).
         old, new = old_basis.to(moment.dtype), new_basis.to(moment.dtype)
@@ -110,7 +102,7 @@ class DCTProjector(MatrixProjector):
         return (new.T @ old) @ moment
 
 
-def transformed(grad: Tensor, side: str, sim_type: str) -> Tensor:
+def transformed(grad: Tensor, side: Side, sim_type: str) -> Tensor:
     """``G Q`` (right) or ``Q^T G`` (left) for the shared DCT-II basis ``Q``."""
     if sim_type == "makhoul":
         return dct2_makhoul(grad) if side == "right" else dct2_makhoul(grad.T).T

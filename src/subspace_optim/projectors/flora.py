@@ -1,15 +1,23 @@
 """Flora's random projection (Hao et al., "Flora: Low-Rank Adapters Are Secretly Gradient
 Compressors", ICML 2024, arXiv 2402.03293; reference code BorealisAI/flora-opt).
 
-No matrix is stored: the projection ``A ~ N(0, 1/r)`` is regenerated on the parameter's
-device from a per-parameter integer seed, held in the state as an int64 CPU tensor
-(``proj_seed``, 8 bytes). The seed starts at ``seed + index`` (1-based index of the
+No matrix is stored: the projection, Gaussian with variance ``1/r``, is regenerated on the
+parameter's device from a per-parameter integer seed, held in the state as an int64 CPU
+tensor (``proj_seed``, 8 bytes). The seed starts at ``seed + index`` (1-based index of the
 parameter in the optimizer) and advances every ``update_proj_gap`` steps (Flora's kappa,
 default 1000) by Flora's own rule, so the subspace is resampled.
 
-Orientation is Flora's: for ``m < n`` (left side) ``A`` is ``r x m`` and ``down(X) = A X``;
-otherwise ``A`` is ``n x r`` and ``down(X) = X A``; ``up`` multiplies by ``A^T``. ``A`` is not
-orthonormal, but ``E[A^T A] = I`` so the compression is unbiased.
+The matrix is a counter-based function of (seed, row, column) (``subspace_optim.counter_rng``:
+element ``(i, j)`` of the dense basis is the normal drawn for counter ``i * cols + j``), not
+the output of a ``torch.Generator``. That lets a kernel generate it tile by tile inside the
+projection without ever materialising it, and a compiled step read no seed on the host;
+both paths produce the same matrix. (Before this definition the matrix came from
+``torch.randn`` with a seeded generator, as in flora-opt: the same distribution, other
+numbers.)
+
+Orientation is Flora's: for ``m < n`` (left side) the basis is ``m x r`` and ``down(X) =
+B^T X``; otherwise it is ``r x n`` and ``down(X) = X B^T``; ``up`` multiplies by ``B``. It is
+not orthonormal, but ``E[up(down(X))] = X``, so the compression is unbiased.
 
 At a resample the moments move to the new subspace, ``m <- down_new(up_old(m))``. The same
 move applied to Adam's second moment can make it negative (flora-opt issue #7: a random
@@ -20,34 +28,37 @@ re-projection policy for non-negative moments), which keeps it a valid scale est
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._validate import check_seed
-from .base import REPROJECT, MatrixProjector, register_projector
-from .seeds import next_seed, seed_tensor, split_seed
+from ..ops.flora import flora_basis
+from .base import REPROJECT, Projector, Side, register_projector
+from .seeds import next_seed, seed_tensor
 
 
-def flora_basis(
-    seed: int, shape: tuple[int, int], rank: int, side: str, device: torch.device,
-    dtype: torch.dtype,
-) -> Tensor:
-    """The projection for ``seed`` as a dense basis: ``A^T`` (``m x r`` left, ``r x n`` right)."""
-    left_seed, right_seed = split_seed(seed)
-    m, n = shape
-    a_shape = (rank, m) if side == "left" else (n, rank)
-    gen = torch.Generator(device=device).manual_seed(left_seed if side == "left" else right_seed)
-    a = torch.randn(a_shape, generator=gen, device=device, dtype=dtype) / math.sqrt(rank)
-    return a.T
+class SeededBasis(NamedTuple):
+    """Flora's transient basis: the seed it is generated from, the matrix's shape, the rank
+    and the dtype it is generated in."""
+
+    seed: Tensor
+    shape: tuple[int, int]
+    rank: int
+    dtype: torch.dtype
+
+    def dense(self, side: Side, device: torch.device) -> Tensor:
+        return flora_basis(self.seed, self.shape, self.rank, side == Side.RIGHT, device,
+                           self.dtype)
 
 
-class FloraProjector(MatrixProjector):
+class FloraProjector(Projector):
     """Seeded Gaussian projection resampled every ``update_proj_gap`` steps; state ``proj_seed``."""
 
     name = "flora"
-    group_defaults = {"update_proj_gap": 1000, "scale": 1.0, "proj_type": "std", "seed": 0}
+    defaults = {"update_proj_gap": 1000, "scale": 1.0, "seed": 0}
     host_state_keys = frozenset({"proj_seed"})
 
     def validate_group(self, group: dict) -> None:
@@ -57,19 +68,32 @@ class FloraProjector(MatrixProjector):
     def moment_policy(self, group: dict) -> str:
         return REPROJECT
 
-    def init_state(self, state: dict, param_index: int, group: dict) -> None:
+    def init_state(self, state: dict, group: dict, param_index: int) -> None:
         state["proj_seed"] = seed_tensor(group["seed"] + param_index)
 
-    def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
-        return step > 0 and step % group["update_proj_gap"] == 0
-
-    def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> None:
+    def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
         state["proj_seed"] = seed_tensor(next_seed(int(state["proj_seed"])))
         return None
 
-    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> Tensor:
-        return flora_basis(int(state["proj_seed"]), tuple(grad.shape), group["rank"], side,
-                           grad.device, grad.dtype)
+    def basis(self, state: dict, group: dict, grad: Tensor, side: Side) -> SeededBasis:
+        return SeededBasis(state["proj_seed"], tuple(grad.shape), group["rank"], grad.dtype)
+
+    def project(self, basis: SeededBasis, grad: Tensor, side: Side) -> Tensor:
+        return ops.flora_project(grad, basis.seed, basis.rank, side == Side.RIGHT)
+
+    def project_back(self, basis: SeededBasis, low: Tensor, side: Side) -> Tensor:
+        dense = basis.dense(side, low.device).to(low.dtype)
+        return low @ dense if side == Side.RIGHT else dense @ low
+
+    def reproject(self, old_basis: SeededBasis, new_basis: SeededBasis, moment: Tensor,
+                  side: Side) -> Tensor:
+        # At the moment's precision (it may exceed the weight's: state_bits=32, bf16).
+        back = self.project_back(old_basis._replace(dtype=moment.dtype), moment, side)
+        return self.project(new_basis, back.to(moment.dtype), side)
+
+    def update_weight_(self, basis: SeededBasis, low: Tensor, side: Side, weight: Tensor,
+                       alpha: float, beta: float = 1.0) -> None:
+        ops.flora_project_back_(weight, low, basis.seed, side == Side.RIGHT, alpha, beta)
 
 
 register_projector(FloraProjector())

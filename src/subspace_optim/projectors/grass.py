@@ -30,8 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._validate import check_choice, check_seed
-from .base import RESET, Projector, index_dtype, register_projector
+from .base import RESET, Projector, Side, index_dtype, register_projector
 from .sampling import inclusion_probabilities, systematic_sample
 from .seeds import next_seed, seed_tensor
 
@@ -69,14 +70,9 @@ class GrassProjector(Projector):
     """Row (or column) selection; state ``proj_indices`` (int16), ``proj_scales``, ``proj_seed``."""
 
     name = "grass"
-    group_defaults = {
-        "update_proj_gap": 200,
-        "scale": 0.25,
-        "proj_type": "std",
-        "selection": "multinomial",
-        "seed": 0,
-    }
+    defaults = {"selection": "multinomial", "seed": 0}
     host_state_keys = frozenset({"proj_seed"})
+    basis_key = "proj_indices"
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)
@@ -86,13 +82,10 @@ class GrassProjector(Projector):
     def moment_policy(self, group: dict) -> str:
         return RESET
 
-    def init_state(self, state: dict, param_index: int, group: dict) -> None:
+    def init_state(self, state: dict, group: dict, param_index: int) -> None:
         state["proj_seed"] = seed_tensor(group["seed"] + param_index)
 
-    def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
-        return "proj_indices" not in state or step % group["update_proj_gap"] == 0
-
-    def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> None:
+    def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
         seed = next_seed(int(state["proj_seed"]))
         state["proj_seed"] = seed_tensor(seed)
         gen = torch.Generator(device=grad.device).manual_seed(seed)
@@ -101,29 +94,23 @@ class GrassProjector(Projector):
         state["proj_indices"], state["proj_scales"] = idx, scales
         return None
 
-    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> RowSelection:
+    def basis(self, state: dict, group: dict, grad: Tensor, side: Side) -> RowSelection:
         # index_select / index_add_ take int32 or int64 indices; the state keeps int16.
         return RowSelection(state["proj_indices"].int(), state["proj_scales"], tuple(grad.shape))
 
-    def project(self, basis: RowSelection, grad: Tensor, side: str) -> Tensor:
-        idx, scales, _ = basis
-        if side == "left":
-            return grad.index_select(0, idx) * scales.to(grad.dtype)[:, None]
-        return grad.index_select(1, idx) * scales.to(grad.dtype)[None, :]
+    def project(self, basis: RowSelection, grad: Tensor, side: Side) -> Tensor:
+        return ops.grass_gather(grad, basis.indices, basis.scales, side == Side.RIGHT)
 
-    def project_back(self, basis: RowSelection, low: Tensor, side: str) -> Tensor:
+    def project_back(self, basis: RowSelection, low: Tensor, side: Side) -> Tensor:
         out = low.new_zeros(basis.shape)
-        self.add_back_(basis, low, side, out, 1.0)
+        self.update_weight_(basis, low, side, out, 1.0)
         return out
 
-    def add_back_(
-        self, basis: RowSelection, low: Tensor, side: str, out: Tensor, alpha: float
-    ) -> None:
-        idx, scales, _ = basis
-        if side == "left":
-            out.index_add_(0, idx, (low * scales.to(low.dtype)[:, None]).to(out.dtype), alpha=alpha)
-        else:
-            out.index_add_(1, idx, (low * scales.to(low.dtype)[None, :]).to(out.dtype), alpha=alpha)
+    def update_weight_(self, basis: RowSelection, low: Tensor, side: Side, weight: Tensor,
+                       alpha: float, beta: float = 1.0) -> None:
+        # A scatter into the selected rows; weight decay (beta) still touches every row.
+        ops.grass_scatter_update_(weight, low, basis.indices, basis.scales, side == Side.RIGHT,
+                                  alpha, beta)
 
 
 register_projector(GrassProjector())

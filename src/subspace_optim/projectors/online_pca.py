@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_number
 from ..rules.adamw import adamw_update
-from .base import MatrixProjector, register_projector
+from .base import MatrixProjector, Side, register_projector
 from .svd import refreshed_basis
 
 VARIANTS = ("code", "paper")
@@ -39,7 +39,7 @@ _P_EPS = 1e-8
 _P_WEIGHT_DECAY_CODE = 0.01
 
 
-def pca_loss_grad(basis: Tensor, a: Tensor, side: str) -> Tensor:
+def pca_loss_grad(basis: Tensor, a: Tensor, side: Side) -> Tensor:
     """Gradient of the online-PCA loss with respect to the basis (see module docstring)."""
     p = basis
     if side == "right":
@@ -49,7 +49,7 @@ def pca_loss_grad(basis: Tensor, a: Tensor, side: str) -> Tensor:
     return 2 * (e @ (a.T @ p) + a @ (e.T @ p))
 
 
-def orthogonality_grad(basis: Tensor, side: str) -> Tensor:
+def orthogonality_grad(basis: Tensor, side: Side) -> Tensor:
     """Gradient of ``||P P^T - I||^2`` (right, r x n) or ``||P^T P - I||^2`` (left)."""
     p = basis
     if side == "right":
@@ -63,14 +63,10 @@ class OnlinePCAProjector(MatrixProjector):
     """SVD once, then one AdamW step per step on the online-PCA loss; state ``proj_basis``."""
 
     name = "online_pca"
-    group_defaults = {
-        "update_proj_gap": 200,
-        "scale": 0.25,
-        "proj_type": "std",
-        "osd_variant": "code",
-        "ortho_penalty": 0.1,
-        "pca_lr_ratio": 5.0,
-    }
+    defaults = {"osd_variant": "code", "ortho_penalty": 0.1, "pca_lr_ratio": 5.0}
+    # SVD once; after that the basis is learned, never recomputed.
+    basis_key = "proj_basis"
+    periodic = False
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)
@@ -84,10 +80,7 @@ class OnlinePCAProjector(MatrixProjector):
                 "or use osd_variant='code'"
             )
 
-    def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
-        return "proj_basis" not in state
-
-    def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> None:
+    def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
         basis = refreshed_basis(state, grad, group["rank"], side)
         if basis is None:
             return None
@@ -99,12 +92,11 @@ class OnlinePCAProjector(MatrixProjector):
         state["proj_steps"] = 0
         return None
 
-    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> Tensor:
+    def basis(self, state: dict, group: dict, grad: Tensor, side: Side) -> Tensor:
         return state["proj_basis"]
 
-    def after_update(
-        self, state: dict, grad: Tensor, side: str, basis: Tensor, group: dict, refreshed: bool
-    ) -> None:
+    def after_update(self, state: dict, group: dict, grad: Tensor, side: Side, basis: Tensor,
+                     refreshed: bool) -> None:
         if refreshed:  # the reference takes no basis step on the SVD step
             return
         stored = state["proj_basis"]

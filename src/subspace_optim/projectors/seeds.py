@@ -1,8 +1,7 @@
 """Integer seed arithmetic for projectors that regenerate randomness instead of storing it.
 
-The rules are Flora's (BorealisAI/flora-opt): a new seed is the 15th draw of ``randint``
-from a CPU generator seeded with the old one, and a seed splits into two by the first two
-draws. Keeping them means a Flora seed means the same thing here as there.
+The rule is Flora's (BorealisAI/flora-opt): a new seed is the 15th draw of ``randint`` from
+a CPU generator seeded with the old one. It runs on the host, at resamples only.
 """
 
 from __future__ import annotations
@@ -19,11 +18,6 @@ def _draws(seed: int, count: int) -> list[int]:
 
 def next_seed(seed: int) -> int:
     return _draws(seed, 15)[-1]
-
-
-def split_seed(seed: int) -> tuple[int, int]:
-    left, right = _draws(seed, 2)
-    return left, right
 
 
 def seed_tensor(seed: int) -> torch.Tensor:

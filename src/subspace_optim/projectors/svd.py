@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from .._warn import warn_once
-from .base import MatrixProjector, register_projector
+from .base import MatrixProjector, Side, register_projector
 
 
-def top_singular_basis(grad: Tensor, rank: int, side: str) -> Tensor | None:
+def top_singular_basis(grad: Tensor, rank: int, side: Side) -> Tensor | None:
     """Orthonormal basis of the top-``rank`` singular subspace of ``grad`` on ``side``.
 
     Tries fp32, then fp64 (ill-conditioned gradients make LAPACK/cuSOLVER fail to converge,
@@ -36,7 +36,7 @@ def top_singular_basis(grad: Tensor, rank: int, side: str) -> Tensor | None:
     return None
 
 
-def refreshed_basis(state: dict, grad: Tensor, rank: int, side: str) -> Tensor | None:
+def refreshed_basis(state: dict, grad: Tensor, rank: int, side: Side) -> Tensor | None:
     """The new fp32/fp64 basis for a refresh, or ``None`` to keep ``state["proj_basis"]``.
 
     Shared by every SVD-based projector: on a failed SVD it keeps the previous basis (or,
@@ -67,21 +67,19 @@ class SVDProjector(MatrixProjector):
     """GaLore: SVD of the gradient every ``update_proj_gap`` steps; state ``proj_basis``."""
 
     name = "galore"
+    basis_key = "proj_basis"
 
-    def needs_refresh(self, state: dict, step: int, group: dict) -> bool:
-        return "proj_basis" not in state or step % group["update_proj_gap"] == 0
-
-    def refresh(self, state: dict, grad: Tensor, side: str, group: dict) -> None:
+    def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
         basis = refreshed_basis(state, grad, group["rank"], side)
         if basis is not None:
             state["proj_basis"] = basis.to(grad.dtype)
         return None
 
-    def basis(self, state: dict, side: str, grad: Tensor, group: dict) -> Tensor:
+    def basis(self, state: dict, group: dict, grad: Tensor, side: Side) -> Tensor:
         return state["proj_basis"]
 
 
-def _coordinate_basis(grad: Tensor, rank: int, side: str) -> Tensor:
+def _coordinate_basis(grad: Tensor, rank: int, side: Side) -> Tensor:
     m, n = grad.shape
     if side == "right":
         return torch.eye(rank, n, device=grad.device)

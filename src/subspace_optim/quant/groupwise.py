@@ -16,6 +16,7 @@ reference stores one per byte, which saves nothing over INT8.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +73,13 @@ def quantize_groupwise(
 
 
 def quantize_groupwise_stochastic(
-    x: Tensor, group_size: int, generator: torch.Generator, bits: int = 8
+    x: Tensor, group_size: int, uniform: Callable[[int], Tensor], bits: int = 8
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Like :func:`quantize_groupwise` (unpacked codes) but with stochastic rounding:
-    ``q = floor(x / s) + Bernoulli(frac(x / s)) + z``, so that ``E[s (q - z)] = x`` exactly.
+    ``q = floor(x / s) + [u < frac(x / s)] + z`` with ``u`` uniform in (0, 1), so that
+    ``E[s (q - z)] = x`` exactly. ``uniform(count)`` returns ``count`` float32 uniforms, one
+    per element of the zero-padded groups, in order (a counter-based draw, so that the same
+    seed gives the same rounding anywhere).
 
     For that expectation to hold at the ends of a group's range too, no draw may be
     clipped: the grid uses ``s = range / (2^bits - 2)`` and ``z = ceil(-lo / s)``, which
@@ -88,7 +92,7 @@ def quantize_groupwise_stochastic(
     zeros = torch.ceil(-lo / scales).clamp(0, qmax - 1)
     scaled = w / scales[:, None]
     low = torch.floor(scaled)
-    up = torch.rand(scaled.shape, generator=generator, device=x.device) < (scaled - low)
+    up = uniform(scaled.numel()).view(scaled.shape) < (scaled - low)
     q = (low + up + zeros[:, None]).clamp(0, qmax)
     return q.to(torch.uint8).reshape(-1)[:numel], scales, zeros.to(torch.uint8)
 

@@ -24,6 +24,14 @@ from torch import Tensor
 CONVENTIONS = ("torch", "galore")
 
 
+def adamw_factor(step: int, beta1: float, beta2: float, correct_bias: bool,
+                 convention: str) -> float:
+    """The step factor ``c`` of :func:`adamw_update` for ``step`` (1-based)."""
+    bias1 = 1 - beta1**step if correct_bias else 1.0
+    bias2 = 1 - beta2**step if correct_bias else 1.0
+    return 1 / bias1 if convention == "torch" else math.sqrt(bias2) / bias1
+
+
 def adamw_update(
     grad: Tensor,
     exp_avg: Tensor,

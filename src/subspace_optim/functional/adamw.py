@@ -1,0 +1,153 @@
+"""``subspace_adamw``: AdamW in the subspace, three bodies of one signature.
+
+Per parameter, with ``R`` its (projected) gradient and ``t`` its 1-based step::
+
+    m <- b1 m + (1 - b1) R;  v <- b2 v + (1 - b2) R^2
+    torch:  N = m / (sqrt(v) / sqrt(1 - b2^t) + eps),  c = 1 / (1 - b1^t)
+    galore: N = m / (sqrt(v) + eps),                   c = sqrt(1 - b2^t) / (1 - b1^t)
+    W <- W - lr * scale * c * back(N), with decoupled decay W <- (1 - lr wd) W before
+    (torch) or after (galore) it
+
+The foreach body computes ``-c N`` for the whole bucket with torch's multi-tensor fused
+AdamW kernel (``torch._fused_adamw_``, on CPU and CUDA) applied to zero buffers with lr 1 and
+no decay; galore's eps placement is torch's with ``eps / sqrt(1 - b2^t)``, so parameters are
+grouped by step. Where that kernel does not apply (no bias correction, another device, under
+``torch.compile``, where the same arithmetic as ``torch._foreach_*`` ops fuses anyway) it
+uses those ops. Each matrix then takes one GEMM for its back-projection, with the decay as
+the GEMM's ``beta``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..projectors.base import Projector, Side
+from ..rules.adamw import adamw_update
+from ._apply import apply_folded, apply_reference
+
+
+def subspace_adamw(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bases: Sequence[Any],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[int],
+    *,
+    projector: Projector | None = None,
+    sides: Sequence[Side | None] | None = None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float = 1.0,
+    correct_bias: bool = True,
+    convention: str = "torch",
+    maximize: bool = False,
+    impl: str = "foreach",
+) -> None:
+    """One AdamW step for every parameter of a bucket; see the module docstring. ``params``
+    are the weights (matrices, for projected parameters) updated in place; ``grads`` and
+    the moments have the subspace's shape where a basis is given, the weight's otherwise."""
+    body = {"reference": _reference, "foreach": _foreach, "fused": _fused}.get(impl)
+    if body is None:
+        raise ValueError(f"Invalid impl: {impl!r} (expected reference, foreach or fused)")
+    if not params:
+        return
+    sides = sides if sides is not None else [None] * len(params)
+    body(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, projector=projector,
+         sides=sides, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+         scale=scale, correct_bias=correct_bias, galore=convention == "galore",
+         maximize=maximize)
+
+
+def _reference(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, projector, sides,
+               lr, beta1, beta2, eps, weight_decay, scale, correct_bias, galore, maximize):
+    convention = "galore" if galore else "torch"
+    for w, g, basis, m, v, step, side in zip(params, grads, bases, exp_avgs, exp_avg_sqs,
+                                              state_steps, sides, strict=True):
+        if maximize:
+            g = -g
+        direction, factor = adamw_update(g, m, v, step, beta1=beta1, beta2=beta2, eps=eps,
+                                         correct_bias=correct_bias, convention=convention)
+        apply_reference(w, direction, basis, projector, side, scale, lr * factor,
+                        lr * weight_decay, decay_after=galore)
+
+
+def _fused_kernel_applies(tensors: Sequence[Tensor], correct_bias: bool) -> bool:
+    device = tensors[0].device
+    return (correct_bias and device.type in ("cpu", "cuda")
+            and not torch.compiler.is_compiling())
+
+
+def negated_directions(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                       exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[int], *,
+                       beta1: float, beta2: float, eps: float, correct_bias: bool,
+                       galore: bool, maximize: bool) -> list[Tensor]:
+    """Update the moments in place and return ``-c N`` per parameter (see module docstring)."""
+    if _fused_kernel_applies(grads, correct_bias):
+        dirs = [torch.zeros_like(m) for m in exp_avgs]
+        by_step: dict[int, list[int]] = {}
+        for i, step in enumerate(state_steps):
+            by_step.setdefault(step, []).append(i)
+        device = grads[0].device
+        for step, index in by_step.items():
+            eps_t = eps / math.sqrt(1 - beta2**step) if galore else eps
+            steps = [torch.full((), float(step), device=device)] * len(index)
+            torch._fused_adamw_([dirs[i] for i in index], [grads[i] for i in index],
+                                [exp_avgs[i] for i in index], [exp_avg_sqs[i] for i in index],
+                                [], steps, lr=1.0, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                                eps=eps_t, amsgrad=False, maximize=maximize)
+        return dirs
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    bias1 = [1 - beta1**s if correct_bias else 1.0 for s in state_steps]
+    root2 = [math.sqrt(1 - beta2**s) if correct_bias else 1.0 for s in state_steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if galore:
+        torch._foreach_add_(denom, eps)
+        factors = [-r / b for r, b in zip(root2, bias1, strict=True)]
+    else:
+        torch._foreach_div_(denom, root2)
+        torch._foreach_add_(denom, eps)
+        factors = [-1 / b for b in bias1]
+    dirs = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(dirs, factors)
+    return dirs
+
+
+def _foreach(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, projector, sides,
+             lr, beta1, beta2, eps, weight_decay, scale, correct_bias, galore, maximize):
+    dirs = negated_directions(grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1,
+                              beta2=beta2, eps=eps, correct_bias=correct_bias, galore=galore,
+                              maximize=maximize)
+    alpha = lr * scale
+    apply_folded(params, dirs, bases, projector, sides, [alpha] * len(params),
+                 lr * weight_decay, decay_after=galore)
+
+
+def _fused(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, projector, sides,
+           lr, beta1, beta2, eps, weight_decay, scale, correct_bias, galore, maximize):
+    lr = float(lr)  # the kernels take host scalars
+    dense = projector is None or projector.dense
+    for w, g, basis, m, v, step, side in zip(params, grads, bases, exp_avgs, exp_avg_sqs,
+                                              state_steps, sides, strict=True):
+        if basis is None or dense:
+            ops.projected_adamw_update(w, g, basis, m, v, step, lr, beta1, beta2, eps,
+                                       weight_decay, scale, side != Side.LEFT, galore,
+                                       correct_bias, maximize)
+        else:  # the projector's own kernels apply a packed, sparse or generated basis
+            _reference([w], [g], [basis], [m], [v], [step], projector=projector, sides=[side],
+                       lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                       scale=scale, correct_bias=correct_bias, galore=galore,
+                       maximize=maximize)

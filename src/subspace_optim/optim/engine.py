@@ -1,0 +1,171 @@
+"""Gather, then dispatch: how a step runs.
+
+``step()`` walks each param group once and turns every parameter with a gradient (or a
+finished accumulation window) into an :class:`Item`: its target, the matrix to update,
+and, for a projected parameter, the projector's basis of this step and the projected
+gradient (after a refresh when one is due). Items are bucketed by (projected, device,
+dtypes) and each bucket goes to the optimizer's rule in one call of the functional API
+(``subspace_optim.functional``) with the group's implementation: ``reference``,
+``foreach`` or ``fused``. The moments are loaded before and stored after at the group's
+state precision (``optim.moments``). Last, each item is finished: the projector's
+``after_update`` (OSD's basis step), the copy back of a non-contiguous weight, the
+target's commit (an INT8 weight's stochastic-rounding store), and the step count.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ..projectors.base import Side, get_projector, matrix_shape, projected_shape, resolve_side
+from . import lifecycle, moments
+from .hyperparameters import host_hyperparameters
+from .targets import Target, target_of
+
+if TYPE_CHECKING:
+    from .base import SubspaceOptimizer
+
+
+class Item:
+    """One parameter's update in this step (see the module docstring)."""
+
+    __slots__ = ("p", "state", "target", "weight", "matrix", "copy_back", "grad", "low",
+                 "basis", "side", "refreshed", "step", "projected", "moments")
+
+    def __init__(self, p: Tensor, state: dict, target: Target, weight: Tensor, matrix: Tensor,
+                 copy_back: bool, grad: Tensor | None, low: Tensor, basis: Any,
+                 side: Side | None, refreshed: bool, step: int, projected: bool) -> None:
+        self.p, self.state, self.target, self.weight = p, state, target, weight
+        self.matrix, self.copy_back, self.grad, self.low = matrix, copy_back, grad, low
+        self.basis, self.side, self.refreshed, self.step = basis, side, refreshed, step
+        self.projected = projected
+        self.moments: dict[str, Tensor] = {}
+
+
+def as_matrix(weight: Tensor, shape: tuple[int, int]) -> tuple[Tensor, bool]:
+    """``weight`` viewed as the ``m x n`` matrix it is projected as, and whether that is a
+    copy to write back (a non-contiguous weight). A 2-D contiguous weight is used as is."""
+    if weight.is_contiguous():
+        return (weight if weight.dim() == 2 else weight.view(shape)), False
+    return weight.contiguous().view(shape), True
+
+
+def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None, *,
+            window: Tensor | None = None, refreshed: bool = False) -> Item | None:
+    """The item of ``p`` for this step, or ``None`` when ``skip_nonfinite`` skips it.
+    ``window``: an accumulated projected gradient (``grad`` is then the window's last
+    micro-batch, or ``None`` when only the projected gradient was ever formed)."""
+    if grad is not None:
+        opt._check_grad(p, grad)
+    if opt._skips_nonfinite(group, grad if window is None else window):
+        return None
+    target = target_of(p)
+    state = opt.state[p]
+    first = "step" not in state
+    step = state.get("step", 0)
+    if first:
+        target.init_state(p, state, opt._param_index(p))
+    weight = target.weight(p)
+    if not opt.projects(p, group):
+        if first:
+            state["step"] = 0
+        return Item(p, state, target, weight, weight, False, grad, grad, None, None, False,
+                    step, projected=False)
+    shape = matrix_shape(p.shape)
+    matrix, copy_back = as_matrix(weight, shape)
+    # Without a full gradient (Grass's sparse path) the weight stands in for its shape.
+    g = (grad if grad is not None else p.detach()).reshape(shape)
+    side = resolve_side(shape, group["proj_type"])
+    projector = get_projector(group["projector"])
+    if first:
+        projector.init_state(state, group, opt._param_index(p))
+        state["step"] = 0
+    specs = opt._moment_specs(projected_shape(shape, group["rank"], side), group)
+    if window is None:
+        refreshed = projector.needs_refresh(state, group, step)
+        basis, low = lifecycle.project(projector, state, group, g, side, refreshed, specs,
+                                       opt.reprojectable_moments)
+    else:
+        basis, low = projector.basis(state, group, g, side), window
+    return Item(p, state, target, weight, matrix, copy_back, g, low, basis, side, refreshed,
+                step, projected=True)
+
+
+def load_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:
+    """Each item's moments at compute precision (created at its first step), and its
+    gradient in the compute dtype."""
+    bits = group["state_bits"]
+    for item in items:
+        specs = opt._moment_specs(tuple(item.low.shape), group)
+        state = item.state
+        if any(name not in state for name in specs):
+            for name, (shape, signed) in specs.items():
+                moments.init_moment(state, name, shape, item.low, bits, signed)
+        item.moments = {name: moments.load_moment(state, name, bits, signed)
+                        for name, (_, signed) in specs.items()}
+        item.low = item.low.to(moments.compute_dtype(bits, item.low))
+
+
+def store_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:
+    bits = group["state_bits"]
+    for item in items:
+        specs = opt._moment_specs(tuple(item.low.shape), group)
+        for name, (_, signed) in specs.items():
+            moments.store_moment(item.state, name, item.moments[name], bits, signed)
+
+
+def finish(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:
+    host = host_hyperparameters(group)  # OSD's basis step reads the lr on the host
+    for item in items:
+        if item.projected:
+            get_projector(group["projector"]).after_update(
+                item.state, host, item.grad, item.side, item.basis, item.refreshed)
+        if item.copy_back:
+            item.weight.copy_(item.matrix.view_as(item.weight))
+        item.target.commit(item.p, item.weight, item.state, item.step)
+        item.state["step"] = item.step + 1
+
+
+def buckets(items: list[Item]) -> list[list[Item]]:
+    """Items that one call of the functional API can take together."""
+    out: dict[tuple, list[Item]] = {}
+    for item in items:
+        key = (item.projected, item.low.device, item.low.dtype, item.matrix.dtype)
+        out.setdefault(key, []).append(item)
+    return list(out.values())
+
+
+def run(opt: SubspaceOptimizer, items: list[Item], group: dict, impl: str) -> None:
+    """Apply the rule to ``items`` (all of ``group``) and finish them."""
+    if not items:
+        return
+    raw = opt._wants_raw_moments(group, impl)
+    for bucket in buckets(items):
+        if raw:
+            opt._run_rule_raw(bucket, group)
+            continue
+        load_moments(opt, bucket, group)
+        opt._run_rule(bucket, group, impl)
+        store_moments(opt, bucket, group)
+    finish(opt, items, group)
+
+
+def step_group(opt: SubspaceOptimizer, group: dict, impl: str) -> None:
+    """One ordinary step of every parameter of ``group`` that has a gradient or a finished
+    window (Grass's sparse path)."""
+    items = []
+    for p in group["params"]:
+        grad = target_of(p).grad(p)
+        if grad is not None:
+            item = prepare(opt, p, group, grad)
+        else:
+            state = opt.state.get(p)
+            if state is None or "window_grad" not in state:
+                continue
+            taken = opt.take_window(p)
+            item = None if taken is None else prepare(opt, p, group, None, window=taken[0],
+                                                       refreshed=taken[1])
+        if item is not None:
+            items.append(item)
+    run(opt, items, group, impl)

@@ -1,0 +1,70 @@
+"""The projector's life cycle for one parameter: first touch, refresh when due (with the
+moments kept, carried into the new subspace or reset, as the projector says), the basis
+of this step and the projected gradient.
+
+Refreshes run outside ``torch.compile``'s graph (an SVD with its fp64 fallback decides on
+the host, by design); a steady step calls only ``basis`` and ``project``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..projectors.base import REPROJECT, RESET, Projector, Side
+from . import moments
+
+
+@torch.compiler.disable
+def refresh(projector: Projector, state: dict, group: dict, g: Tensor, side: Side,
+            moment_specs: dict[str, tuple[tuple[int, ...], bool]],
+            reprojectable: frozenset[str]) -> tuple[Any, Tensor]:
+    """Compute a new subspace from ``g`` and move the stored moments as the projector's
+    moment policy says; returns ``(basis, projected gradient)``."""
+    policy = projector.moment_policy(group)
+    stored = [name for name in moment_specs if name in state]
+    old_basis = None
+    if policy == REPROJECT and stored:
+        old_basis = projector.basis(state, group, g, side)
+    low = projector.refresh(state, group, g, side)
+    basis = projector.basis(state, group, g, side)
+    if low is None:
+        low = projector.project(basis, g, side)
+    if stored and policy in (RESET, REPROJECT):
+        transition_moments(projector, state, group, stored, policy, old_basis, basis, side,
+                           moment_specs, reprojectable)
+    return basis, low
+
+
+def transition_moments(projector: Projector, state: dict, group: dict, names: list[str],
+                       policy: str, old_basis: Any, basis: Any, side: Side,
+                       moment_specs: dict[str, tuple[tuple[int, ...], bool]],
+                       reprojectable: frozenset[str]) -> None:
+    """Reset the moments, or carry those that live in the subspace into the new one
+    (second moments in absolute value, so they stay valid scales). Moments that are not
+    subspace coordinates (Adafactor's factored statistics) are kept under REPROJECT."""
+    bits = group.get("state_bits")
+    for name in names:
+        _, signed = moment_specs[name]
+        if policy == RESET:
+            value = torch.zeros_like(moments.load_moment(state, name, bits, signed))
+        elif name in reprojectable:
+            value = projector.reproject(
+                old_basis, basis, moments.load_moment(state, name, bits, signed), side
+            )
+            if not signed:
+                value = value.abs()
+        else:
+            continue
+        moments.store_moment(state, name, value, bits, signed)
+
+
+def project(projector: Projector, state: dict, group: dict, g: Tensor, side: Side,
+            due: bool, moment_specs: dict, reprojectable: frozenset[str]) -> tuple[Any, Tensor]:
+    """``(basis, projected gradient)`` of this step, refreshing first when ``due``."""
+    if due:
+        return refresh(projector, state, group, g, side, moment_specs, reprojectable)
+    basis = projector.basis(state, group, g, side)
+    return basis, projector.project(basis, g, side)
