@@ -33,22 +33,23 @@ def apply_folded(weights: Sequence[Tensor], directions: Sequence[Tensor],
     as the GEMM's ``beta`` (the weight is read and written once). ``decay_after`` (galore's
     order, ``W <- (W + alpha back(d)) (1 - decay)``) scales alpha by ``1 - decay`` instead."""
     beta = 1 - decay
+    plain = not isinstance(beta, Tensor)
     for weight, direction, basis, side, alpha in zip(weights, directions, bases, sides, alphas,
                                                      strict=True):
         if decay_after:
             alpha = alpha * beta
-        if basis is None:
+        if basis is not None and plain and not isinstance(alpha, Tensor):
+            projector.update_weight_(basis, direction, side, weight, alpha, beta)
+        elif basis is None:
             if not _is_one(beta):
                 weight.mul_(beta)
             weight.add_(direction.to(weight.dtype), alpha=alpha)
-        elif isinstance(alpha, Tensor) or isinstance(beta, Tensor):
+        else:
             # Tensor hyperparameters (capturable style) cannot be GEMM scalars: scale the
             # direction instead, and decay in its own pass.
             if not _is_one(beta):
                 weight.mul_(beta)
             projector.update_weight_(basis, direction * alpha, side, weight, 1.0)
-        else:
-            projector.update_weight_(basis, direction, side, weight, alpha, beta)
 
 
 def _is_one(value: float | Tensor) -> bool:

@@ -87,24 +87,37 @@ def _fused_kernel_applies(tensors: Sequence[Tensor], correct_bias: bool) -> bool
             and not torch.compiler.is_compiling())
 
 
+def _fused_moments(params: Sequence[Tensor], grads: Sequence[Tensor],
+                   exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+                   state_steps: Sequence[int], *, beta1: float, beta2: float, eps: float,
+                   weight_decay: float, galore: bool, maximize: bool, lr: float = 1.0) -> None:
+    """torch's multi-tensor fused AdamW on ``params``, one call per distinct step (galore's
+    eps is torch's ``eps / sqrt(1 - b2^t)``, which depends on the step)."""
+    by_step: dict[int, list[int]] = {}
+    for i, step in enumerate(state_steps):
+        by_step.setdefault(step, []).append(i)
+    device = grads[0].device
+    for step, index in by_step.items():
+        eps_t = eps / math.sqrt(1 - beta2**step) if galore else eps
+        steps = [torch.full((), float(step), device=device)] * len(index)
+        torch._fused_adamw_([params[i] for i in index], [grads[i] for i in index],
+                            [exp_avgs[i] for i in index], [exp_avg_sqs[i] for i in index],
+                            [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps_t, amsgrad=False,
+                            maximize=maximize)
+
+
 def negated_directions(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                        exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[int], *,
                        beta1: float, beta2: float, eps: float, correct_bias: bool,
                        galore: bool, maximize: bool) -> list[Tensor]:
     """Update the moments in place and return ``-c N`` per parameter (see module docstring)."""
     if _fused_kernel_applies(grads, correct_bias):
-        dirs = [torch.zeros_like(m) for m in exp_avgs]
-        by_step: dict[int, list[int]] = {}
-        for i, step in enumerate(state_steps):
-            by_step.setdefault(step, []).append(i)
-        device = grads[0].device
-        for step, index in by_step.items():
-            eps_t = eps / math.sqrt(1 - beta2**step) if galore else eps
-            steps = [torch.full((), float(step), device=device)] * len(index)
-            torch._fused_adamw_([dirs[i] for i in index], [grads[i] for i in index],
-                                [exp_avgs[i] for i in index], [exp_avg_sqs[i] for i in index],
-                                [], steps, lr=1.0, beta1=beta1, beta2=beta2, weight_decay=0.0,
-                                eps=eps_t, amsgrad=False, maximize=maximize)
+        # Zero buffers for the kernel's "parameters", in one op for the whole bucket.
+        dirs = torch._foreach_mul(exp_avgs, 0.0)
+        _fused_moments(dirs, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1,
+                       beta2=beta2, eps=eps, weight_decay=0.0, galore=galore,
+                       maximize=maximize)
         return dirs
     if maximize:
         grads = torch._foreach_neg(grads)
@@ -128,6 +141,18 @@ def negated_directions(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
 
 def _foreach(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, projector, sides,
              lr, beta1, beta2, eps, weight_decay, scale, correct_bias, galore, maximize):
+    same_dtype = all(w.dtype == g.dtype for w, g in zip(params, grads, strict=True))
+    if bases[0] is None and same_dtype and not isinstance(lr, Tensor) and \
+            _fused_kernel_applies(grads, correct_bias):
+        # Full rank: torch's own fused AdamW updates the weights in place (decay before the
+        # update; galore's order decays after it, with the same numbers).
+        decay = lr * weight_decay
+        _fused_moments(params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1,
+                       beta2=beta2, eps=eps, weight_decay=0.0 if galore else weight_decay,
+                       galore=galore, maximize=maximize, lr=lr)
+        if galore and decay != 0:
+            torch._foreach_mul_(list(params), 1 - decay)
+        return
     dirs = negated_directions(grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1,
                               beta2=beta2, eps=eps, correct_bias=correct_bias, galore=galore,
                               maximize=maximize)

@@ -18,10 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..projectors.base import Side, get_projector, matrix_shape, projected_shape, resolve_side
+from ..projectors.base import (
+    Projector,
+    Side,
+    get_projector,
+    matrix_shape,
+    projected_shape,
+    resolve_side,
+)
 from . import lifecycle, moments
 from .hyperparameters import host_hyperparameters
-from .targets import Target, target_of
+from .targets import PARAMETER, Target, target_of
 
 if TYPE_CHECKING:
     from .base import SubspaceOptimizer
@@ -31,15 +38,16 @@ class Item:
     """One parameter's update in this step (see the module docstring)."""
 
     __slots__ = ("p", "state", "target", "weight", "matrix", "copy_back", "grad", "low",
-                 "basis", "side", "refreshed", "step", "projected", "moments")
+                 "basis", "side", "refreshed", "step", "projected", "specs", "moments")
 
     def __init__(self, p: Tensor, state: dict, target: Target, weight: Tensor, matrix: Tensor,
                  copy_back: bool, grad: Tensor | None, low: Tensor, basis: Any,
-                 side: Side | None, refreshed: bool, step: int, projected: bool) -> None:
+                 side: Side | None, refreshed: bool, step: int, projected: bool,
+                 specs: dict) -> None:
         self.p, self.state, self.target, self.weight = p, state, target, weight
         self.matrix, self.copy_back, self.grad, self.low = matrix, copy_back, grad, low
         self.basis, self.side, self.refreshed, self.step = basis, side, refreshed, step
-        self.projected = projected
+        self.projected, self.specs = projected, specs
         self.moments: dict[str, Tensor] = {}
 
 
@@ -70,12 +78,15 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None,
     if not opt.projects(p, group):
         if first:
             state["step"] = 0
+        specs = opt._moment_specs(tuple(grad.shape), group)
         return Item(p, state, target, weight, weight, False, grad, grad, None, None, False,
-                    step, projected=False)
+                    step, False, specs)
     shape = matrix_shape(p.shape)
     matrix, copy_back = as_matrix(weight, shape)
     # Without a full gradient (Grass's sparse path) the weight stands in for its shape.
-    g = (grad if grad is not None else p.detach()).reshape(shape)
+    g = grad if grad is not None else p.detach()
+    if g.dim() != 2:
+        g = g.reshape(shape)
     side = resolve_side(shape, group["proj_type"])
     projector = get_projector(group["projector"])
     if first:
@@ -89,7 +100,7 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None,
     else:
         basis, low = projector.basis(state, group, g, side), window
     return Item(p, state, target, weight, matrix, copy_back, g, low, basis, side, refreshed,
-                step, projected=True)
+                step, True, specs)
 
 
 def load_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:
@@ -97,8 +108,7 @@ def load_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None
     gradient in the compute dtype."""
     bits = group["state_bits"]
     for item in items:
-        specs = opt._moment_specs(tuple(item.low.shape), group)
-        state = item.state
+        specs, state = item.specs, item.state
         if any(name not in state for name in specs):
             for name, (shape, signed) in specs.items():
                 moments.init_moment(state, name, shape, item.low, bits, signed)
@@ -110,20 +120,23 @@ def load_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None
 def store_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:
     bits = group["state_bits"]
     for item in items:
-        specs = opt._moment_specs(tuple(item.low.shape), group)
-        for name, (_, signed) in specs.items():
+        for name, (_, signed) in item.specs.items():
             moments.store_moment(item.state, name, item.moments[name], bits, signed)
 
 
 def finish(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:
-    host = host_hyperparameters(group)  # OSD's basis step reads the lr on the host
+    projector = get_projector(group["projector"]) if "rank" in group else None
+    # Only projectors that learn their basis online (OSD) do anything after the update.
+    after = projector is not None and type(projector).after_update is not Projector.after_update
+    host = host_hyperparameters(group) if after else group  # OSD reads the lr on the host
     for item in items:
-        if item.projected:
-            get_projector(group["projector"]).after_update(
-                item.state, host, item.grad, item.side, item.basis, item.refreshed)
+        if after and item.projected:
+            projector.after_update(item.state, host, item.grad, item.side, item.basis,
+                                   item.refreshed)
         if item.copy_back:
             item.weight.copy_(item.matrix.view_as(item.weight))
-        item.target.commit(item.p, item.weight, item.state, item.step)
+        if item.target is not PARAMETER:
+            item.target.commit(item.p, item.weight, item.state, item.step)
         item.state["step"] = item.step + 1
 
 
