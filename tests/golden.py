@@ -59,19 +59,20 @@ def scenarios() -> dict[str, dict]:
     return out
 
 
-def run(spec: dict, **kwargs) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+def run(spec: dict, steps: int = STEPS, **kwargs) -> tuple[dict[str, torch.Tensor],
+                                                           torch.optim.Optimizer]:
     """Train the scenario; ``kwargs`` go to the constructor (e.g. ``foreach``)."""
     record = OPTIMIZERS[spec["optimizer"]]
     torch.manual_seed(0)
     params = {k: torch.nn.Parameter(torch.randn(s)) for k, s in SHAPES.items()}
-    streams = {k: gradient_stream(s, STEPS, seed=i) for i, (k, s) in enumerate(SHAPES.items())}
+    streams = {k: gradient_stream(s, steps, seed=i) for i, (k, s) in enumerate(SHAPES.items())}
     group = {"params": [params["wide"], params["tall"], params["cube"]], "rank": 4,
              "update_proj_gap": 5}
     if record.any_projector:
         group.update(PROJECTORS[spec["projector"]].group(spec["variant"]))
     extra = {} if spec["bits"] is None else {"state_bits": spec["bits"]}
     opt = record.make([{"params": [params["bias"]]}, group], **extra, **kwargs)
-    for step in range(STEPS):
+    for step in range(steps):
         for k, p in params.items():
             p.grad = None if (k == "cube" and step == 7) else streams[k][step].clone()
         opt.step()

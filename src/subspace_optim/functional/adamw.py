@@ -164,10 +164,9 @@ def _foreach(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, projec
 def _fused(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, projector, sides,
            lr, beta1, beta2, eps, weight_decay, scale, correct_bias, galore, maximize):
     lr = float(lr)  # the kernels take host scalars
-    dense = projector is None or projector.dense
     for w, g, basis, m, v, step, side in zip(params, grads, bases, exp_avgs, exp_avg_sqs,
                                               state_steps, sides, strict=True):
-        if basis is None or dense:
+        if basis is None or isinstance(basis, Tensor):  # full rank, or a dense basis
             ops.projected_adamw_update(w, g, basis, m, v, step, lr, beta1, beta2, eps,
                                        weight_decay, scale, side != Side.LEFT, galore,
                                        correct_bias, maximize)

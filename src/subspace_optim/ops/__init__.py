@@ -108,11 +108,17 @@ def implementation(name: str, device: torch.device) -> Callable:
     return (_TRITON if backend(name, device) == "triton" else _TORCH)[name]
 
 
-def define(name: str, mutates_args: tuple[str, ...] = (), device_arg: int = 0):
+def define(name: str, mutates_args: tuple[str, ...] = (), device_arg: int = 0,
+           opaque: bool = False):
     """Declare op ``name`` from its PyTorch implementation (whose annotated signature is the
     op's schema): the custom op ``torch.ops.subspace_optim.<name>``, whose body runs the
     selected implementation, and the function the library calls. Register the op's fake
-    with ``<function>.op.register_fake``."""
+    with ``<function>.op.register_fake``.
+
+    ``opaque``: under ``torch.compile`` call the custom op even for the PyTorch
+    implementation, so the compiler sees one node. For the counter-based generators: their
+    hash reuses every intermediate, and inductor, inlining pointwise chains without common
+    subexpressions, takes time exponential in the rounds to lower them."""
     def decorate(torch_impl: Callable) -> Callable:
         _TORCH[name] = torch_impl
 
@@ -128,7 +134,8 @@ def define(name: str, mutates_args: tuple[str, ...] = (), device_arg: int = 0):
 
         @functools.wraps(torch_impl)
         def call(*args):
-            if backend(name, args[device_arg].device) == "torch":
+            if backend(name, args[device_arg].device) == "torch" and not (
+                    opaque and torch.compiler.is_compiling()):
                 return torch_impl(*args)
             return op(*args)
 

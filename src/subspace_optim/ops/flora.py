@@ -20,12 +20,26 @@ from .. import counter_rng
 from . import define
 
 
+@define("flora_matrix", device_arg=1, opaque=True)
+def flora_matrix(seed: Tensor, like: Tensor, rows: int, cols: int, rank: int) -> Tensor:
+    """The ``rows x cols`` basis (normals over ``sqrt(rank)``) for ``seed``, on ``like``'s
+    device and in its dtype (``like`` is an empty tensor that carries both)."""
+    z = counter_rng.gaussian_matrix(seed, (rows, cols), like.device)
+    return (z / math.sqrt(rank)).to(like.dtype)
+
+
+@flora_matrix.op.register_fake
+def _(seed, like, rows, cols, rank):
+    return like.new_empty((rows, cols))
+
+
 def flora_basis(seed: Tensor | int, shape: tuple[int, int], rank: int, right: bool,
                 device: torch.device, dtype: torch.dtype) -> Tensor:
     """The projection for ``seed`` as a dense basis (``m x r`` left, ``r x n`` right)."""
     m, n = shape
-    z = counter_rng.gaussian_matrix(seed, (rank, n) if right else (m, rank), device)
-    return (z / math.sqrt(rank)).to(dtype)
+    rows, cols = (rank, n) if right else (m, rank)
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    return flora_matrix(seed, torch.empty(0, device=device, dtype=dtype), rows, cols, rank)
 
 
 @define("flora_project")

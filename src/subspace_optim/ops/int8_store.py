@@ -19,7 +19,7 @@ from ..quant.groupwise import quantize_groupwise_stochastic
 from . import define
 
 
-@define("int8_sr_store_", mutates_args=("codes", "scales", "zeros"))
+@define("int8_sr_store_", mutates_args=("codes", "scales", "zeros"), device_arg=3, opaque=True)
 def int8_sr_store_(codes: Tensor, scales: Tensor, zeros: Tensor, weight: Tensor, seed: int,
                    offset: int, group_size: int) -> None:
     k = counter_rng.key(seed, offset)

@@ -169,9 +169,22 @@ class SubspaceOptimizer(Optimizer):
             # Parameters were updated inside backward; this call only closes the step.
             self._backward_stepper.close_step()
             return loss
+        if engine.refresh_due(self):
+            # A refresh (SVD with its fallback, selection, resample) decides on the host: the
+            # whole step runs eagerly, outside any compiled graph, so that a steady step
+            # compiles as one graph.
+            self._eager_step()
+        else:
+            self._steady_step()
+        return loss
+
+    def _steady_step(self) -> None:
         for group in self.param_groups:
             engine.step_group(self, group, self.implementation(group))
-        return loss
+
+    @torch.compiler.disable
+    def _eager_step(self) -> None:
+        self._steady_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)

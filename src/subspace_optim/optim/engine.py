@@ -164,6 +164,24 @@ def run(opt: SubspaceOptimizer, items: list[Item], group: dict, impl: str) -> No
     finish(opt, items, group)
 
 
+def refresh_due(opt: SubspaceOptimizer) -> bool:
+    """Whether any parameter refreshes its subspace in the coming step (read from host ints
+    and key lookups only, so ``torch.compile`` evaluates it as a guard, not a break)."""
+    for group in opt.param_groups:
+        if "rank" not in group:
+            continue
+        projector = get_projector(group["projector"])
+        for p in group["params"]:
+            if not opt.projects(p, group):
+                continue
+            state = opt.state.get(p)
+            if state is None or "step" not in state:
+                return True
+            if projector.needs_refresh(state, group, state["step"]):
+                return True
+    return False
+
+
 def step_group(opt: SubspaceOptimizer, group: dict, impl: str) -> None:
     """One ordinary step of every parameter of ``group`` that has a gradient or a finished
     window (Grass's sparse path)."""

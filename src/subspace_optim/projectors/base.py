@@ -124,9 +124,6 @@ class Projector:
     # needs no first refresh), and whether it is refreshed every ``update_proj_gap`` steps.
     basis_key: ClassVar[str | None] = None
     periodic: ClassVar[bool] = True
-    # Whether ``basis`` is a dense matrix (the fused kernels and the foreach path apply
-    # those directly).
-    dense: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -201,8 +198,6 @@ class Projector:
 
 class MatrixProjector(Projector):
     """A projector whose basis is a dense matrix: ``r x n`` on the right, ``m x r`` on the left."""
-
-    dense = True
 
     def project(self, basis: Tensor, grad: Tensor, side: Side) -> Tensor:
         return grad @ basis.T if side == Side.RIGHT else basis.T @ grad

@@ -25,7 +25,6 @@ to 1 (select every step).
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -36,14 +35,28 @@ from .base import KEEP, REPROJECT, MatrixProjector, Side, index_dtype, register_
 SIM_TYPES = ("matmul", "makhoul")
 
 
-@cache
+# One table per (size, dtype, device), shared by every layer. A plain dict rather than
+# functools.cache: torch.compile reads a dict entry as a graph input, while it would trace
+# through a cache wrapper and rebuild the table inside the graph.
+_TABLES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
 def dct_basis(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The orthonormal DCT-II basis as the columns of a ``size x size`` matrix (cached)."""
+    key = (size, dtype, torch.device(device))
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = _build(size).to(dtype=dtype, device=device)
+    return table
+
+
+@torch.compiler.disable
+def _build(size: int) -> Tensor:
     j = torch.arange(size, dtype=torch.float64)[:, None]
     k = torch.arange(size, dtype=torch.float64)[None, :]
     q = math.sqrt(2 / size) * torch.cos(math.pi * k * (2 * j + 1) / (2 * size))
     q[:, 0] /= math.sqrt(2)
-    return q.to(dtype=dtype, device=device)
+    return q
 
 
 def dct2_makhoul(x: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import ops
 from .._validate import check_seed
 from ..ops.flora import flora_basis
-from .base import REPROJECT, Projector, Side, register_projector
+from .base import REPROJECT, MatrixProjector, Projector, Side, register_projector
 from .seeds import next_seed, seed_tensor
 
 
@@ -52,6 +52,10 @@ class SeededBasis(NamedTuple):
     def dense(self, side: Side, device: torch.device) -> Tensor:
         return flora_basis(self.seed, self.shape, self.rank, side == Side.RIGHT, device,
                            self.dtype)
+
+
+# The dense products, for a generated basis (the PyTorch path).
+_DENSE = MatrixProjector()
 
 
 class FloraProjector(Projector):
@@ -75,25 +79,37 @@ class FloraProjector(Projector):
         state["proj_seed"] = seed_tensor(next_seed(int(state["proj_seed"])))
         return None
 
-    def basis(self, state: dict, group: dict, grad: Tensor, side: Side) -> SeededBasis:
-        return SeededBasis(state["proj_seed"], tuple(grad.shape), group["rank"], grad.dtype)
+    def basis(self, state: dict, group: dict, grad: Tensor, side: Side) -> Tensor | SeededBasis:
+        """With the PyTorch implementation the matrix is generated once per step and used as
+        a dense basis; a kernel generates it inside each product instead (never stored)."""
+        seeded = SeededBasis(state["proj_seed"], tuple(grad.shape), group["rank"], grad.dtype)
+        if ops.backend("flora_project", grad.device) == "torch":
+            return seeded.dense(side, grad.device)
+        return seeded
 
-    def project(self, basis: SeededBasis, grad: Tensor, side: Side) -> Tensor:
+    def project(self, basis: Tensor | SeededBasis, grad: Tensor, side: Side) -> Tensor:
+        if isinstance(basis, Tensor):
+            return _DENSE.project(basis, grad, side)
         return ops.flora_project(grad, basis.seed, basis.rank, side == Side.RIGHT)
 
-    def project_back(self, basis: SeededBasis, low: Tensor, side: Side) -> Tensor:
-        dense = basis.dense(side, low.device).to(low.dtype)
-        return low @ dense if side == Side.RIGHT else dense @ low
+    def project_back(self, basis: Tensor | SeededBasis, low: Tensor, side: Side) -> Tensor:
+        dense = basis if isinstance(basis, Tensor) else basis.dense(side, low.device)
+        return _DENSE.project_back(dense.to(low.dtype), low, side)
 
-    def reproject(self, old_basis: SeededBasis, new_basis: SeededBasis, moment: Tensor,
-                  side: Side) -> Tensor:
+    def reproject(self, old_basis: Tensor | SeededBasis, new_basis: Tensor | SeededBasis,
+                  moment: Tensor, side: Side) -> Tensor:
         # At the moment's precision (it may exceed the weight's: state_bits=32, bf16).
-        back = self.project_back(old_basis._replace(dtype=moment.dtype), moment, side)
-        return self.project(new_basis, back.to(moment.dtype), side)
+        back = self.project_back(old_basis, moment, side).to(moment.dtype)
+        if isinstance(new_basis, Tensor):
+            return _DENSE.project(new_basis.to(moment.dtype), back, side)
+        return self.project(new_basis, back, side)
 
-    def update_weight_(self, basis: SeededBasis, low: Tensor, side: Side, weight: Tensor,
-                       alpha: float, beta: float = 1.0) -> None:
-        ops.flora_project_back_(weight, low, basis.seed, side == Side.RIGHT, alpha, beta)
+    def update_weight_(self, basis: Tensor | SeededBasis, low: Tensor, side: Side,
+                       weight: Tensor, alpha: float, beta: float = 1.0) -> None:
+        if isinstance(basis, Tensor):
+            _DENSE.update_weight_(basis, low, side, weight, alpha, beta)
+        else:
+            ops.flora_project_back_(weight, low, basis.seed, side == Side.RIGHT, alpha, beta)
 
 
 register_projector(FloraProjector())
