@@ -23,9 +23,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class ProjectorRecord:
-    """A registered projector: its variants (extra group keys, by description)."""
+    """A registered projector: its variants (extra group keys, by description), the named
+    class that uses it by default, its bad values, its state bound and contract properties."""
 
     name: str
+    named: str
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})
     # Group keys a short test needs (e.g. a quantisation group that fits small bases).
     small: dict[str, Any] = field(default_factory=dict)
@@ -33,6 +35,13 @@ class ProjectorRecord:
     periodic_refresh: bool = True
     # Variants that read the group's lr (and so refuse Adafactor's lr=None).
     needs_lr: frozenset[str] = frozenset()
+    # (group keys, expected error) for values the projector must refuse.
+    bad_values: tuple[tuple[dict[str, Any], str], ...] = ()
+    # Bytes of projector state allowed for one m x n fp32 matrix at rank r (right side).
+    state_bound: Callable[[int, int, int], float] = lambda m, n, r: 0
+    # Properties of the projection P P^T right after a refresh, per variant:
+    # "orthonormal" (idempotent, norm-reducing, re-projection onto itself the identity).
+    orthonormal: frozenset[str] = frozenset()
 
     def group(self, variant: str = "default", **keys: Any) -> dict[str, Any]:
         return {"projector": self.name, **self.small, **self.variants[variant], **keys}
@@ -89,20 +98,61 @@ def _flora_adafactor(groups, **kwargs):
     return so.FloraAdafactor(groups, **kwargs)
 
 
+def _q_galore_bound(m: int, n: int, r: int) -> float:
+    elements = r * n
+    groups = -(-elements // 256)
+    # 4-bit codes, an fp32 scale and a uint8 zero per group, and the lazy-refresh queue.
+    return 0.5 * elements + 5 * groups + 5 * 4
+
+
+ALL_VARIANTS = frozenset({"default", "left", "reverse_std", "rotate", "rotate-fft", "topk"})
+
 PROJECTORS = {
-    "galore": ProjectorRecord("galore", {"default": {}, "left": {"proj_type": "left"},
-                                         "reverse_std": {"proj_type": "reverse_std"}}),
-    "dct": ProjectorRecord("dct", {"default": {}, "rotate": {"rotate_subspace": True},
-                                   "rotate-fft": {"rotate_subspace": True,
-                                                  "sim_type": "makhoul"}}),
-    "online_pca": ProjectorRecord("online_pca", {"default": {},
-                                                 "paper": {"osd_variant": "paper"}},
-                                  periodic_refresh=False, needs_lr=frozenset({"paper"})),
-    "flora": ProjectorRecord("flora"),
-    "grass": ProjectorRecord("grass", {"default": {}, "uniform": {"selection": "uniform"},
-                                       "topk": {"selection": "topk"}}),
-    "q_galore": ProjectorRecord("q_galore", {"default": {}, "8bit": {"quant_n_bit": 8}},
-                                small={"quant_group_size": 64}),
+    "galore": ProjectorRecord(
+        "galore", "GaLoreAdamW",
+        {"default": {}, "left": {"proj_type": "left"},
+         "reverse_std": {"proj_type": "reverse_std"}},
+        bad_values=(({"proj_type": "full"}, r"Invalid proj_type: 'full'"),
+                    ({"scale": 0}, r"Invalid scale: 0")),
+        state_bound=lambda m, n, r: 4 * r * n, orthonormal=ALL_VARIANTS),
+    "dct": ProjectorRecord(
+        "dct", "DCTAdamW",
+        {"default": {}, "rotate": {"rotate_subspace": True},
+         "rotate-fft": {"rotate_subspace": True, "sim_type": "makhoul"}},
+        bad_values=(({"sim_type": "fft"}, r"Invalid sim_type: 'fft'"),
+                    ({"rotate_subspace": "yes"}, r"Invalid rotate_subspace: 'yes'")),
+        state_bound=lambda m, n, r: 4 * r, orthonormal=ALL_VARIANTS),
+    "online_pca": ProjectorRecord(
+        "online_pca", "OnlineSubspaceAdamW",
+        {"default": {}, "paper": {"osd_variant": "paper"}},
+        periodic_refresh=False, needs_lr=frozenset({"paper"}),
+        bad_values=(({"osd_variant": "x"}, r"Invalid osd_variant: 'x'"),
+                    ({"ortho_penalty": -1.0}, r"Invalid ortho_penalty: -1\.0"),
+                    ({"pca_lr_ratio": -2}, r"Invalid pca_lr_ratio: -2")),
+        # The basis and its own two AdamW moments.
+        state_bound=lambda m, n, r: 3 * 4 * r * n, orthonormal=frozenset({"default", "paper"})),
+    "flora": ProjectorRecord(
+        "flora", "FloraAdamW",
+        bad_values=(({"seed": -1}, r"Invalid seed: -1"), ({"seed": 1.5}, r"Invalid seed: 1\.5")),
+        state_bound=lambda m, n, r: 8),
+    "grass": ProjectorRecord(
+        "grass", "GrassAdamW",
+        {"default": {}, "uniform": {"selection": "uniform"}, "topk": {"selection": "topk"}},
+        bad_values=(({"selection": "random"}, r"Invalid selection: 'random'"),
+                    ({"seed": -3}, r"Invalid seed: -3")),
+        # int16 indices, an fp32 scale each, and the seed.
+        state_bound=lambda m, n, r: 2 * r + 4 * r + 8, orthonormal=frozenset({"topk"})),
+    "q_galore": ProjectorRecord(
+        "q_galore", "QGaLoreAdamW", {"default": {}, "8bit": {"quant_n_bit": 8}},
+        small={"quant_group_size": 64},
+        bad_values=(({"quant_n_bit": 3}, r"Invalid quant_n_bit: 3"),
+                    ({"quant_group_size": 0}, r"Invalid quant_group_size: 0"),
+                    ({"cos_threshold": 2.0}, r"Invalid cos_threshold: 2\.0"),
+                    ({"gamma_proj": 0.5}, r"Invalid gamma_proj: 0\.5"),
+                    ({"queue_size": 0}, r"Invalid queue_size: 0"),
+                    ({"cos_abs": "no"}, r"Invalid cos_abs: 'no'"),
+                    ({"proj_type": "left"}, r"Invalid proj_type: 'left' for projector 'q_galore'")),
+        state_bound=_q_galore_bound),
 }
 
 OPTIMIZERS = {

@@ -2,6 +2,7 @@
 
 import torch
 
+import subspace_optim as so
 from subspace_optim import GaLoreAdamW, SubspaceAdamW, optimizer_state_bytes
 
 
@@ -27,3 +28,24 @@ def test_state_bytes_follow_dtype():
     w.grad = torch.randn(64, 32, dtype=torch.bfloat16)
     opt.step()
     assert optimizer_state_bytes(opt) == (2 * 64 * 8 + 8 * 32) * 2
+
+
+def test_state_tensors_own_only_their_elements():
+    """Every state tensor's storage is its own size: a basis sliced from LAPACK's SVD factor
+    used to keep the whole factor alive (3x the basis at 2048 x 768, rank 256), memory that
+    optimizer_state_bytes, counting elements, did not see."""
+    from optim_db import PROJECTORS
+
+    for name, record in PROJECTORS.items():
+        wide = torch.nn.Parameter(torch.randn(48, 96))
+        tall = torch.nn.Parameter(torch.randn(96, 48))
+        opt = getattr(so, record.named)([{"params": [wide, tall], "rank": 16,
+                                          **record.group()}])
+        for _ in range(2):
+            wide.grad, tall.grad = torch.randn_like(wide), torch.randn_like(tall)
+            opt.step()
+        for p in (wide, tall):
+            for key, value in opt.state[p].items():
+                if torch.is_tensor(value):
+                    owned = value.numel() * value.element_size()
+                    assert value.untyped_storage().nbytes() == owned, (name, key)

@@ -5,36 +5,33 @@ import io
 
 import pytest
 import torch
+from optim_db import OPTIMIZERS, PROJECTORS
 from references import distill
 
 import subspace_optim as so
 from subspace_optim import optimizer_state_bytes
 
-# name -> (constructor, extra group keys). FloraAdafactor is Flora's own algorithm.
-METHODS = {
-    "galore": (so.GaLoreAdamW, {}),
-    "dct": (so.DCTAdamW, {}),
-    "dct-rotate-fft": (so.DCTAdamW, {"rotate_subspace": True, "sim_type": "makhoul"}),
-    "online_pca": (so.OnlineSubspaceAdamW, {}),
-    "online_pca-paper": (so.OnlineSubspaceAdamW, {"osd_variant": "paper"}),
-    "flora": (so.FloraAdamW, {}),
-    "grass-multinomial": (so.GrassAdamW, {}),
-    "grass-uniform": (so.GrassAdamW, {"selection": "uniform"}),
-    "grass-topk": (so.GrassAdamW, {"selection": "topk"}),
-    "q_galore": (so.QGaLoreAdamW, {"quant_group_size": 64}),
-    "flora-adafactor": (so.FloraAdafactor, {}),
-}
+
+def _methods() -> dict[str, tuple]:
+    """Every projector variant with the named class that uses it by default, and Flora's
+    own algorithm: name -> (optimizer record, group keys)."""
+    out = {f"{name}-{variant}": (OPTIMIZERS[record.named], record.group(variant))
+           for name, record in PROJECTORS.items() for variant in record.variants}
+    out["FloraAdafactor"] = (OPTIMIZERS["FloraAdafactor"], {})
+    return out
+
+
+METHODS = _methods()
 
 
 def _make(name, vectors, matrices, rank, gap, lr, **group):
-    cls, extra = METHODS[name]
+    record, extra = METHODS[name]
     groups = [{"params": matrices, "rank": rank, "update_proj_gap": gap, **extra, **group}]
     if vectors:
         groups.insert(0, {"params": vectors})
-    if cls is so.FloraAdafactor:
-        groups[-1].pop("scale", None)
-        return cls(groups, lr=lr, scale_parameter=False)
-    return cls(groups, lr=lr, weight_decay=0.0)
+    if record.rule == "flora_adafactor":
+        return record.make(groups, lr=lr, scale_parameter=False)
+    return record.make(groups, lr=lr, weight_decay=0.0)
 
 
 def _regression_losses(opt_factory, steps=200):
@@ -152,38 +149,27 @@ def test_checkpoint_round_trip_and_bit_exact_resume(name):
 
 
 def test_projector_state_types_are_what_the_memory_claims_rely_on():
-    model, opt = _resumable("flora")
+    model, opt = _resumable("flora-default")
     _train(model, opt, 4, 0)
     seed = opt.state[model[0].weight]["proj_seed"]
     assert seed.dtype == torch.int64 and seed.device.type == "cpu" and seed.numel() == 1
 
 
 # --------------------------------------------------------------------------- bad values
-BAD_GROUPS = [
-    (so.DCTAdamW, {"sim_type": "fft"}, r"Invalid sim_type: 'fft'"),
-    (so.DCTAdamW, {"rotate_subspace": "yes"}, r"Invalid rotate_subspace: 'yes'"),
-    (so.FloraAdamW, {"seed": -1}, r"Invalid seed: -1"),
-    (so.FloraAdamW, {"seed": 1.5}, r"Invalid seed: 1\.5"),
-    (so.GrassAdamW, {"selection": "random"}, r"Invalid selection: 'random'"),
-    (so.GrassAdamW, {"seed": -3}, r"Invalid seed: -3"),
-    (so.QGaLoreAdamW, {"quant_n_bit": 3}, r"Invalid quant_n_bit: 3"),
-    (so.QGaLoreAdamW, {"quant_group_size": 0}, r"Invalid quant_group_size: 0"),
-    (so.QGaLoreAdamW, {"cos_threshold": 2.0}, r"Invalid cos_threshold: 2\.0"),
-    (so.QGaLoreAdamW, {"gamma_proj": 0.5}, r"Invalid gamma_proj: 0\.5"),
-    (so.QGaLoreAdamW, {"queue_size": 0}, r"Invalid queue_size: 0"),
-    (so.QGaLoreAdamW, {"cos_abs": "no"}, r"Invalid cos_abs: 'no'"),
-    (so.QGaLoreAdamW, {"proj_type": "left"}, r"Invalid proj_type: 'left' for projector 'q_galore'"),
-    (so.OnlineSubspaceAdamW, {"osd_variant": "x"}, r"Invalid osd_variant: 'x'"),
-    (so.OnlineSubspaceAdamW, {"ortho_penalty": -1.0}, r"Invalid ortho_penalty: -1\.0"),
-    (so.OnlineSubspaceAdamW, {"pca_lr_ratio": -2}, r"Invalid pca_lr_ratio: -2"),
-]
+BAD_GROUPS = [(PROJECTORS[p].named, keys, match) for p in PROJECTORS
+              for keys, match in PROJECTORS[p].bad_values]
 
 
-@pytest.mark.parametrize("cls,group,match", BAD_GROUPS,
-                         ids=[f"{c.__name__}-{next(iter(g))}" for c, g, _ in BAD_GROUPS])
-def test_bad_group_value_names_it(cls, group, match):
+@pytest.mark.parametrize("name,group,match", BAD_GROUPS,
+                         ids=[f"{n}-{next(iter(g))}-{i}" for i, (n, g, _) in enumerate(BAD_GROUPS)])
+def test_bad_group_value_names_it(name, group, match):
     with pytest.raises(ValueError, match=match):
-        cls([{"params": [torch.nn.Parameter(torch.randn(8, 8))], "rank": 2, **group}])
+        getattr(so, name)([{"params": [torch.nn.Parameter(torch.randn(8, 8))], "rank": 2,
+                            **group}])
+
+
+def test_every_projector_refuses_some_bad_value():
+    assert all(record.bad_values for record in PROJECTORS.values())
 
 
 BAD_FLORA_ADAFACTOR = [
@@ -215,35 +201,32 @@ def test_flora_adafactor_leaves_embeddings_uncompressed():
 
 
 # --------------------------------------------------------------------------- memory
-def _projector_bytes(cls, extra=None):
-    w = torch.nn.Parameter(torch.zeros(2048, 512))
-    opt = cls([{"params": [w], "rank": 128, **(extra or {})}])
-    w.grad = torch.randn(2048, 512)
+@pytest.mark.parametrize("name", PROJECTORS)
+def test_per_parameter_projector_state_is_within_its_bound(name):
+    """One 2048 x 512 weight at rank 128 (right side: two 2048 x 128 fp32 moments), the
+    projector's state measured with optimizer_state_bytes against its record's bound."""
+    record = PROJECTORS[name]
+    m, n, rank = 2048, 512, 128
+    w = torch.nn.Parameter(torch.zeros(m, n))
+    opt = getattr(so, record.named)([{"params": [w], "rank": rank}])
+    w.grad = torch.randn(m, n)
     opt.step()
     state = opt.state[w]
     moments = sum(state[k].numel() * state[k].element_size() for k in ("exp_avg", "exp_avg_sq"))
-    assert moments == 2 * 2048 * 128 * 4  # right side: two m x r fp32 moments
-    return optimizer_state_bytes(opt) - moments, state
+    assert moments == 2 * m * rank * 4
+    projector_bytes = optimizer_state_bytes(opt) - moments
+    assert 0 < projector_bytes <= record.state_bound(m, n, rank), projector_bytes
 
 
-def test_per_parameter_projector_state_bounds():
-    """2048 x 512 at rank 128 (right side): measured with optimizer_state_bytes."""
-    rank = 128
-    dct, _ = _projector_bytes(so.DCTAdamW)
-    assert dct <= 4 * rank
-    grass, _ = _projector_bytes(so.GrassAdamW)
-    assert grass <= 4 * rank + 4 * rank  # indices, plus one fp32 scale each (seed included)
-    flora, _ = _projector_bytes(so.FloraAdamW)
-    assert flora <= 8
-    q, state = _projector_bytes(so.QGaLoreAdamW)
-    elements = rank * 512
-    groups = elements // 256
-    assert state["proj_codes"].numel() * state["proj_codes"].element_size() <= 0.5 * elements
-    scale_bytes = groups * (4 + 1)  # fp32 scale and uint8 zero-point per group of 256
-    lazy_refresh_bookkeeping = 8 + 5 * 4 + 8  # gap, queue of 5 cosines, queue length
-    assert q <= 0.5 * elements + scale_bytes + lazy_refresh_bookkeeping
-    galore, _ = _projector_bytes(so.GaLoreAdamW)
-    assert galore == rank * 512 * 4 and q < galore / 7
+def test_the_int4_basis_is_a_seventh_of_galores():
+    sizes = {}
+    for name in ("galore", "q_galore"):
+        w = torch.nn.Parameter(torch.zeros(2048, 512))
+        opt = getattr(so, PROJECTORS[name].named)([{"params": [w], "rank": 128}])
+        w.grad = torch.randn(2048, 512)
+        opt.step()
+        sizes[name] = optimizer_state_bytes(opt)
+    assert sizes["q_galore"] - 2 * 2048 * 128 * 4 < (sizes["galore"] - 2 * 2048 * 128 * 4) / 7
 
 
 def test_q_galore_cos_abs_counts_a_sign_flip_as_similar():

@@ -17,3 +17,8 @@ def test_records_name_real_variants():
     for record in optim_db.PROJECTORS.values():
         assert "default" in record.variants, record.name
         assert record.needs_lr <= set(record.variants), record.name
+
+
+def test_each_projector_names_the_class_that_uses_it():
+    for record in optim_db.PROJECTORS.values():
+        assert getattr(so, record.named).default_projector == record.name

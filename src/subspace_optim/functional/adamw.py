@@ -110,13 +110,21 @@ def _fused_moments(params: Sequence[Tensor], grads: Sequence[Tensor],
 def negated_directions(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                        exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[int], *,
                        beta1: float, beta2: float, eps: float, correct_bias: bool,
-                       galore: bool, maximize: bool) -> list[Tensor]:
-    """Update the moments in place and return ``-c N`` per parameter (see module docstring)."""
+                       galore: bool, maximize: bool, overwrite: bool = False) -> list[Tensor]:
+    """Update the moments in place and return ``-c N`` per parameter (see module docstring).
+
+    ``overwrite``: the gradients are temporaries of this step (projections) and may hold
+    the result. The fused kernel then takes each gradient as its own "parameter" with lr 1
+    and weight decay 1, so that ``p - lr wd p - lr u = -u`` exactly: it reads the gradient
+    before writing the same element, and no buffer is allocated or zeroed (a test checks
+    the result equals the one with a separate zero buffer, bit for bit)."""
     if _fused_kernel_applies(grads, correct_bias):
-        # Zero buffers for the kernel's "parameters", in one op for the whole bucket.
-        dirs = torch._foreach_mul(exp_avgs, 0.0)
+        if overwrite:
+            dirs, decay = list(grads), 1.0
+        else:  # zero buffers for the kernel's "parameters", in one op for the whole bucket
+            dirs, decay = torch._foreach_mul(exp_avgs, 0.0), 0.0
         _fused_moments(dirs, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1,
-                       beta2=beta2, eps=eps, weight_decay=0.0, galore=galore,
+                       beta2=beta2, eps=eps, weight_decay=decay, galore=galore,
                        maximize=maximize)
         return dirs
     if maximize:
@@ -155,7 +163,7 @@ def _foreach(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, projec
         return
     dirs = negated_directions(grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1,
                               beta2=beta2, eps=eps, correct_bias=correct_bias, galore=galore,
-                              maximize=maximize)
+                              maximize=maximize, overwrite=bases[0] is not None)
     alpha = lr * scale
     apply_folded(params, dirs, bases, projector, sides, [alpha] * len(params),
                  lr * weight_decay, decay_after=galore)

@@ -154,7 +154,7 @@ def triton_registered() -> tuple[str, ...]:
 
 
 from .adamw_update import blockwise8_adamw_update, projected_adamw_update  # noqa: E402
-from .flora import flora_project, flora_project_back_  # noqa: E402
+from .flora import flora_matrix, flora_project, flora_project_back_  # noqa: E402
 from .grass import grass_gather, grass_scatter_update_  # noqa: E402
 from .int4 import int4_project, int4_project_back_  # noqa: E402
 from .int8_store import int8_sr_store_  # noqa: E402
@@ -164,6 +164,7 @@ __all__ = [
     "backend",
     "blockwise8_adamw_update",
     "declared",
+    "flora_matrix",
     "flora_project",
     "flora_project_back_",
     "grass_gather",

@@ -114,7 +114,9 @@ def load_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None
                 moments.init_moment(state, name, shape, item.low, bits, signed)
         item.moments = {name: moments.load_moment(state, name, bits, signed)
                         for name, (_, signed) in specs.items()}
-        item.low = item.low.to(moments.compute_dtype(bits, item.low))
+        dtype = moments.compute_dtype(bits, item.low)
+        if item.low.dtype != dtype:
+            item.low = item.low.to(dtype)
 
 
 def store_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:

@@ -215,8 +215,10 @@ class MatrixProjector(Projector):
     def update_weight_(self, basis: Tensor, low: Tensor, side: Side, weight: Tensor,
                        alpha: float, beta: float = 1.0) -> None:
         # One GEMM that reads and writes the weight once: beta folds in weight decay.
-        low = low.to(weight.dtype)
-        basis = basis.to(weight.dtype)
+        if low.dtype != weight.dtype:
+            low = low.to(weight.dtype)
+        if basis.dtype != weight.dtype:
+            basis = basis.to(weight.dtype)
         if side == Side.RIGHT:
             weight.addmm_(low, basis, beta=beta, alpha=alpha)
         else:

@@ -32,8 +32,18 @@ def top_singular_basis(grad: Tensor, rank: int, side: Side) -> Tensor | None:
             continue
         basis = vh[:rank] if side == "right" else u[:, :rank]
         if bool(torch.isfinite(basis).all()):
-            return basis
+            return _compact(basis)
     return None
+
+
+def _compact(basis: Tensor) -> Tensor:
+    """A copy that owns just its elements: the slice is a view that would keep LAPACK's
+    whole factor alive in the state (min(m, n) / rank times the basis). The copy keeps the
+    slice's layout (LAPACK's column-major on the CPU), in which the projections were always
+    computed, so their rounding does not change."""
+    if basis.stride(0) == 1 and basis.dim() == 2:
+        return basis.mT.clone(memory_format=torch.contiguous_format).mT
+    return basis.clone(memory_format=torch.contiguous_format)
 
 
 def refreshed_basis(state: dict, grad: Tensor, rank: int, side: Side) -> Tensor | None:
