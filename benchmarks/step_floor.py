@@ -3,8 +3,8 @@ avoid, projecting the gradient (``G B^T`` or ``B^T G``) and back-projecting the 
 the weight (``W.addmm_(N, B)``), timed on the same tensors in the same run.
 
 LLaMA-130M's block shapes (q, k, v, o 768 x 768; gate, up 2048 x 768; down 768 x 2048) at
-rank 256, fp32, a steady step (no refresh). Medians of interleaved repetitions; ratios to
-the floor and to galore-torch's ``GaLoreAdamW`` step on the same gradients.
+rank 256, fp32, a steady step (no refresh). Medians of repetitions interleaved in a shuffled
+order; ratios to the floor and to galore-torch's ``GaLoreAdamW`` step on the same gradients.
 
     python benchmarks/step_floor.py            # the README's figures
     python benchmarks/step_floor.py --smoke    # tiny shapes, a few repetitions (CI)
@@ -13,6 +13,7 @@ the floor and to galore-torch's ``GaLoreAdamW`` step on the same gradients.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -78,8 +79,11 @@ def _optimizers(shapes, rank):
 def measure(shapes, rank: int, repeats: int) -> list[dict]:
     candidates = {"two-GEMM floor": _floor(_params(shapes), rank), **_optimizers(shapes, rank)}
     times = {name: [] for name in candidates}
-    for _ in range(repeats):  # interleaved, so drift hits every candidate alike
-        for name, fn in candidates.items():
+    order = random.Random(0)
+    for _ in range(repeats):
+        # Interleaved in a new order each round, so that drift and cache state left by the
+        # previous candidate hit every candidate alike.
+        for name, fn in order.sample(list(candidates.items()), len(candidates)):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
