@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Without a GPU the Triton kernels run in Triton's interpreter (set before any kernel module
+# is imported: the decorator reads it). Nothing else is affected: kernels run only where the
+# tests ask for them (SUBSPACE_OPTIM_KERNELS=triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

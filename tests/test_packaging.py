@@ -36,9 +36,15 @@ def _run(code, cwd, env=None):
 def test_nothing_named_kernels_is_importable_from_the_repository_root():
     """bitsandbytes and transformers import Hugging Face's ``kernels``; the repository's
     kernels/ folder must not answer to that name (it did: ``cannot import name
-    'get_kernel' from 'kernels'``)."""
-    result = _run("import kernels", ROOT)
-    assert result.returncode != 0 and "No module named 'kernels'" in result.stderr
+    'get_kernel' from 'kernels'``, and transformers' probe, which imports the name, failed
+    to import LlamaForCausalLM when the folder raised ModuleNotFoundError)."""
+    probe = ("import kernels; assert kernels.__file__ is None and not hasattr(kernels, 'adamw')\n"
+             "try:\n    from kernels import get_kernel\nexcept ImportError:\n    print('absent')")
+    result = _run(probe, ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "absent"
+    result = _run("from transformers import LlamaForCausalLM; import bitsandbytes", ROOT)
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_real_kernels_package_still_wins_from_the_repository_root(tmp_path):

@@ -121,6 +121,41 @@ def test_8bit_states_survive_weights_only_checkpoint_and_resume_bit_exact():
     assert torch.equal(w, w3)
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_the_8bit_encoding_is_the_nearest_map_entry_and_decodes_with_bitsandbytes(signed):
+    """The library's encoder (quant.blockwise) against a brute-force nearest entry, and its
+    states against bitsandbytes' own functions: bitsandbytes decodes them to the same
+    values, and its native CPU encoder (an approximate search) lands on the same code but
+    for a few values near a midpoint, one code away."""
+    import bitsandbytes.functional as F
+
+    from subspace_optim.quant.blockwise import (
+        dequantize_blockwise_8bit,
+        dynamic_map,
+        quantize_blockwise_8bit,
+    )
+
+    torch.manual_seed(0)
+    x = torch.randn(257 * 33) * torch.logspace(-6, 0, 257 * 33)  # all magnitudes, odd size
+    x = x if signed else x.abs()
+    codes, absmax = quantize_blockwise_8bit(x, signed)
+    table = dynamic_map(signed, x.device)
+    blocks = torch.nn.functional.pad(x, (0, -x.numel() % 256)).view(-1, 256)
+    scaled = (blocks * (1.0 / absmax).unsqueeze(1)).reshape(-1)[: x.numel()]
+    distance = (scaled.unsqueeze(1) - table.unsqueeze(0)).abs()
+    chosen = distance.gather(1, codes.long().unsqueeze(1)).squeeze(1)
+    assert torch.equal(chosen, distance.min(dim=1).values)  # ties may pick either entry
+
+    theirs = F.dequantize_blockwise(codes, absmax=absmax, code=table, blocksize=256)
+    assert torch.equal(theirs, dequantize_blockwise_8bit(codes, absmax, signed))
+
+    native, state = F.quantize_blockwise(x, code=table, blocksize=256)
+    assert torch.equal(state.absmax, absmax)
+    differ = native != codes
+    assert differ.float().mean() <= 0.01
+    assert ((native.int() - codes.int()).abs() <= 1).all()
+
+
 def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     from subspace_optim.quant import blockwise
 

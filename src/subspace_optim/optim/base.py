@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import ops
 from .._validate import check_lr
 from ..projectors.base import get_projector, matrix_shape, projected_shape, resolve_side
 from . import accumulation, checkpoint, engine
@@ -152,10 +153,15 @@ class SubspaceOptimizer(Optimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ stepping
-    @staticmethod
-    def implementation(group: dict) -> str:
-        """``"reference"``, ``"foreach"`` or ``"fused"``, from the group's flags."""
-        if group.get("fused"):
+    def implementation(self, group: dict) -> str:
+        """``"reference"``, ``"foreach"`` or ``"fused"``, from the group's flags; with
+        ``SUBSPACE_OPTIM_KERNELS=triton`` an unset ``fused`` means fused where the rule has
+        kernels (forcing Triton forces the path that runs it)."""
+        fused = group.get("fused")
+        if fused is None and self.has_fused and group.get("foreach") is None and \
+                ops.setting() == "triton":
+            fused = True
+        if fused:
             return "fused"
         return "reference" if group.get("foreach") is False else "foreach"
 
