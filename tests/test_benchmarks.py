@@ -6,19 +6,45 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script,first_row", [
-    ("step_floor.py", "two-GEMM floor"),
-    ("step_overhead.py", "GaLoreAdamW foreach"),
+@pytest.mark.parametrize("script,column,first_row", [
+    ("step_floor.py", "step", "two-GEMM floor"),
+    ("step_overhead.py", "step", "GaLoreAdamW foreach"),
 ])
-def test_smoke_run_writes_its_csv(script, first_row, tmp_path):
+def test_smoke_run_writes_its_csv(script, column, first_row, tmp_path):
     out = tmp_path / "result.csv"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke",
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
-    assert rows[0]["step"] == first_row
+    assert rows[0][column] == first_row
     assert all(row["device"] and row["commit"] and row["date"] for row in rows)
+
+
+def test_the_kernel_benchmark_times_every_kernel_and_the_whole_step(tmp_path):
+    pytest.importorskip("triton")
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "kernels.csv"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke",
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert all(row["device"] and row["commit"] and row["date"] for row in rows)
+    from subspace_optim import ops
+
+    timed = {row["op"] for row in rows}
+    assert set(ops.triton_registered()) - {"flora_matrix"} <= timed
+    assert {"GaLoreAdamW step", "down-projection GEMM"} <= timed
+    assert {row["dtype"] for row in rows} == {"float32", "bfloat16"}
+    assert all(float(row["torch_ms"]) > 0 and float(row["triton_ms"]) > 0 for row in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU would run the whole benchmark")
+def test_the_kernel_benchmark_refuses_a_cpu_timing():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr

@@ -219,9 +219,12 @@ def test_stochastic_rounding_kernel_is_unbiased():
 
 
 # --------------------------------------------------------------------------- 8-bit states
-@pytest.mark.parametrize("numel", [256, 257 * 33, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 33, 257 * 33, 4096])
 @pytest.mark.parametrize("galore", [False, True], ids=["torch", "galore"])
-def test_blockwise8_adamw_update(numel, galore):
+def test_blockwise8_adamw_update(numel, galore, dtype):
+    """The gradient in each dtype; both compute the moments in fp32 from it, so the fp32
+    rule applies to the direction."""
     pytest.importorskip("bitsandbytes")
     from subspace_optim.quant.blockwise import (
         dequantize_blockwise_8bit,
@@ -230,7 +233,7 @@ def test_blockwise8_adamw_update(numel, galore):
 
     torch.manual_seed(0)
     shape = (numel // 33, 33) if numel % 33 == 0 else (numel,)
-    grad = _seeded(*shape)
+    grad = _seeded(*shape).to(dtype)
     m0, v0 = _seeded(*shape, scale=0.1), _seeded(*shape).abs() * 0.01
 
     def run(impl):
