@@ -25,7 +25,7 @@ class BackwardStepper:
     """The handle returned by :func:`step_in_backward`; see its docstring."""
 
     def __init__(self, optimizer: SubspaceOptimizer, accumulation_steps: int,
-                 max_grad_norm: float | None, clip: str) -> None:
+                 max_grad_norm: float | None, clip: str, ddp: Any = None) -> None:
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
@@ -40,12 +40,63 @@ class BackwardStepper:
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 self._group_index[id(p)] = index
+        if ddp is not None:
+            self._attach_ddp(ddp)
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
                 target = target_of(p)
                 if target is not PARAMETER or p.requires_grad:
                     # The hook fires with the accumulated gradient; for a leaf that got none
                     # (GrassLinear hands its rows over directly) it does not.
                     self._handles.append(
                         target.register_grad_hook(p, lambda grad, p=p: self._on_grad(p, grad)))
+
+    def _attach_ddp(self, ddp: Any) -> None:
+        """Step from DDP's communication hook, on the reduced gradients of each bucket."""
+        owned = set(self._group_index)
+        ddp_params = [p for p in ddp.parameters() if p.requires_grad]
+        missing = [p for p in ddp_params if id(p) not in owned]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} parameter(s) of the DDP model (first of shape "
+                f"{tuple(missing[0].shape)}) are not in the optimizer; layer-wise mode under "
+                "DDP steps every parameter DDP reduces")
+        ddp.register_comm_hook(None, self._ddp_hook)
+        # DDP calls no hook under no_sync(): the gradient would pile up unreduced in .grad
+        # and the window would miss it. Every micro-batch must be reduced (the projected
+        # window then holds the sum of reduced micro-gradients, as in one process).
+        for p in ddp_params:
+            self._handles.append(p.register_post_accumulate_grad_hook(
+                lambda _p, ddp=ddp: self._check_sync(ddp)))
+
+    @staticmethod
+    def _check_sync(ddp: Any) -> None:
+        if not ddp.require_backward_grad_sync:
+            raise RuntimeError(
+                "step_in_backward(ddp=...) cannot run under DDP's no_sync(): accumulate by "
+                "step_in_backward(accumulation_steps=k) with a synchronised backward per "
+                "micro-batch instead")
+
+    def _ddp_hook(self, _state, bucket):  # noqa: ANN001 (DDP checks these annotations)
+        """All-reduce the bucket (mean over ranks), step its parameters, and hand DDP a
+        buffer in which the gradients already consumed are zero, so that nothing is counted
+        twice when DDP writes the buffer back to ``.grad``."""
+        import torch.distributed as dist
+
+        buffer = bucket.buffer()
+        dist.all_reduce(buffer)
+        buffer.div_(dist.get_world_size())
+        opt = self.optimizer
+        for p, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+            closes = opt.state[p].get("micro_step", 0) + 1 == self.accumulation_steps
+            self._on_grad(p, grad.view_as(p))
+            # A full-rank parameter inside its window keeps its reduced sum in .grad.
+            if closes or opt.projects(p, opt.param_groups[self._group_index[id(p)]]):
+                grad.zero_()
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(buffer)
+        return future
 
     # ------------------------------------------------------------------ hooks
     @torch.no_grad()
@@ -142,6 +193,7 @@ def step_in_backward(
     *,
     max_grad_norm: float | None = None,
     clip: str = "global",
+    ddp: Any = None,
 ) -> BackwardStepper:
     """Update every parameter of ``optimizer`` inside backward, as soon as its gradient is
     ready, and free that gradient.
@@ -157,6 +209,15 @@ def step_in_backward(
         previous step's total norm, an approximation (the current total is only known after
         every parameter has stepped); the first step is not clipped. For projected
         parameters with ``k > 1`` the norm is taken in the subspace (at most the full norm).
+
+    ddp: the ``DistributedDataParallel`` model, when training under DDP: each bucket's
+        parameters then step in DDP's communication hook, on the gradients averaged over
+        the ranks (required when a process group of more than one rank is initialised).
+        Do not wrap micro-batches in ``no_sync()`` (an error): accumulate with
+        ``accumulation_steps``, every micro-batch reduced. DDP keeps its gradient buckets
+        (one gradient of the model); ``gradient_as_bucket_view=True`` makes ``.grad`` alias
+        them instead of doubling that memory. FSDP2-sharded parameters are refused: FSDP2
+        reduce-scatters after backward, outside any hook.
 
     In this mode ``optimizer.step()`` does not touch the parameters: it closes the step, and
     the step's total gradient norm appears as ``handle.grad_norm`` (a tensor, for logs).
@@ -179,6 +240,29 @@ def step_in_backward(
         raise RuntimeError(
             "step_in_backward is already active on this optimizer; remove() it first"
         )
-    stepper = BackwardStepper(optimizer, accumulation_steps, max_grad_norm, clip)
+    _check_distributed(optimizer, ddp)
+    stepper = BackwardStepper(optimizer, accumulation_steps, max_grad_norm, clip, ddp)
     optimizer._backward_stepper = stepper
     return stepper
+
+
+def _check_distributed(optimizer: SubspaceOptimizer, ddp: Any) -> None:
+    """Refuse the combinations that would step on unreduced gradients."""
+    from .distributed.sharding import is_dtensor, world_size
+
+    if any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
+        raise RuntimeError(
+            "step_in_backward does not support FSDP2 (fully_shard) parameters: their "
+            "gradients are reduce-scattered after backward, so no per-parameter hook sees a "
+            "reduced gradient; use optimizer.step() (FSDP2 already frees unsharded gradients)")
+    if ddp is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(ddp, DistributedDataParallel):
+            raise TypeError(f"ddp must be a DistributedDataParallel model, got "
+                            f"{type(ddp).__name__}")
+    elif world_size() > 1:
+        raise RuntimeError(
+            f"a process group of {world_size()} ranks is initialised: pass the DDP model as "
+            "step_in_backward(..., ddp=model) so that parameters step on reduced gradients "
+            "(without it, each rank would step on its own gradient and the replicas diverge)")

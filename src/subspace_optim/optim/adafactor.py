@@ -8,7 +8,6 @@ from typing import Any
 
 from .._validate import check_bool, check_number, is_number, scalar_value
 from ..functional import subspace_adafactor
-from ..projectors.base import get_projector
 from . import engine
 from .base import SubspaceOptimizer
 from .hyperparameters import host_hyperparameters
@@ -33,6 +32,7 @@ class SubspaceAdafactor(SubspaceOptimizer):
 
     rule_name = "adafactor"
     reprojectable_moments = frozenset({"exp_avg"})
+    shard_local_rule = False  # factored moments and update clipping reduce across rows
 
     def __init__(
         self,
@@ -123,7 +123,7 @@ class SubspaceAdafactor(SubspaceOptimizer):
         subspace_adafactor(
             [it.matrix for it in items], [it.low for it in items], [it.basis for it in items],
             [it.moments for it in items], [it.step + 1 for it in items],
-            projector=get_projector(group["projector"]) if projected else None,
+            projector=engine.item_projector(items, group),
             sides=[it.side for it in items], scale=group["scale"] if projected else 1.0,
             **self._rule_kwargs(group, impl),
         )

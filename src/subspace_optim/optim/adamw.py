@@ -11,7 +11,6 @@ from .. import ops
 from .._validate import check_betas, check_bool, check_choice, check_number
 from ..functional import subspace_adamw
 from ..functional._apply import apply_reference
-from ..projectors.base import get_projector
 from ..rules.adamw import CONVENTIONS, adamw_factor
 from . import engine, moments
 from .base import SubspaceOptimizer
@@ -120,7 +119,7 @@ class SubspaceAdamW(SubspaceOptimizer):
             [it.matrix for it in items], [it.low for it in items], [it.basis for it in items],
             [it.moments["exp_avg"] for it in items], [it.moments["exp_avg_sq"] for it in items],
             [it.step + 1 for it in items],
-            projector=get_projector(group["projector"]) if projected else None,
+            projector=engine.item_projector(items, group),
             sides=[it.side for it in items], scale=group["scale"] if projected else 1.0,
             impl=impl, **self._hyperparameters(group, impl),
         )
@@ -134,7 +133,7 @@ class SubspaceAdamW(SubspaceOptimizer):
         hp = self._hyperparameters(group, "fused")
         galore = hp["convention"] == "galore"
         projected = items[0].projected
-        projector = get_projector(group["projector"]) if projected else None
+        projector = engine.item_projector(items, group)
         scale = group["scale"] if projected else 1.0
         plain = []
         for it in items:

@@ -33,6 +33,9 @@ from torch.optim import Optimizer
 
 from .. import ops
 from .._validate import check_lr
+from ..distributed import fsdp
+from ..distributed import state as dist_state
+from ..distributed.sharding import is_dtensor
 from ..projectors.base import get_projector, matrix_shape, projected_shape, resolve_side
 from . import accumulation, checkpoint, engine
 from .groups import check_group_keys, prepare_projected_group, validate_common
@@ -55,6 +58,11 @@ class SubspaceOptimizer(Optimizer):
     rank_must_fit: bool = True
     # Whether the rule has kernels for ``fused=True``.
     has_fused: bool = False
+    # Whether the rule's update of a block of rows needs only those rows (elementwise in the
+    # subspace: AdamW, Lion). Under FSDP2 such a rule updates each rank's shard in place; a
+    # rule that reduces across rows (Adafactor) works on gathered tensors
+    # (``distributed.fsdp``).
+    shard_local_rule: bool = True
     # Group keys a state dict of an older release may lack (filled in from the defaults).
     optional_group_keys: frozenset[str] = frozenset({"state_bits", "skip_nonfinite",
                                                      "foreach", "fused", "maximize"})
@@ -298,6 +306,8 @@ class SubspaceOptimizer(Optimizer):
         """torch's state dict plus an entry saying which optimizer wrote it and, in
         layer-wise mode, the global-clipping reference (the last step's total norm)."""
         state_dict = super().state_dict()
+        if self._has_sharded_params():
+            state_dict = dist_state.present(self, state_dict)
         stepper = self._backward_stepper
         extra = checkpoint.marker(self)
         extra["clip_norm"] = stepper.clip_norm if stepper is not None else self._pending_clip_norm
@@ -317,14 +327,22 @@ class SubspaceOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        sharded = self._has_sharded_params()
+        if sharded:
+            state_dict = dist_state.localize(self, state_dict)
         groups, state = checkpoint.prepare_load(self, state_dict)
         clip_norm = (state_dict.get(checkpoint.EXTRA_KEY) or {}).get("clip_norm")
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         self._pending_clip_norm = clip_norm
         if self._backward_stepper is not None:
             self._backward_stepper.clip_norm = clip_norm
+        if sharded:
+            dist_state.requantize(self)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _has_sharded_params(self) -> bool:
+        return any(is_dtensor(p) for g in self.param_groups for p in g["params"])
 
     def host_state_keys(self, groups: list[dict] | None = None) -> frozenset[str]:
         """State keys kept on the CPU whatever the parameter's device (seeds, counters)."""
@@ -341,4 +359,6 @@ class SubspaceOptimizer(Optimizer):
             shape = projected_shape(shape, group["rank"], side)
         else:
             shape = tuple(p.shape)
+        if is_dtensor(p):  # this rank's part of it
+            shape = fsdp.local_rule_shape(self, p, group, shape)
         return {name: spec[0] for name, spec in self._moment_specs(shape, group).items()}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from ..distributed.sharding import is_dtensor, world_size
 from ..projectors.base import (
     Projector,
     Side,
@@ -38,17 +39,28 @@ class Item:
     """One parameter's update in this step (see the module docstring)."""
 
     __slots__ = ("p", "state", "target", "weight", "matrix", "copy_back", "grad", "low",
-                 "basis", "side", "refreshed", "step", "projected", "specs", "moments")
+                 "basis", "side", "refreshed", "step", "projected", "specs", "moments",
+                 "projector")
 
     def __init__(self, p: Tensor, state: dict, target: Target, weight: Tensor, matrix: Tensor,
                  copy_back: bool, grad: Tensor | None, low: Tensor, basis: Any,
                  side: Side | None, refreshed: bool, step: int, projected: bool,
-                 specs: dict) -> None:
+                 specs: dict, projector: Projector | None = None) -> None:
         self.p, self.state, self.target, self.weight = p, state, target, weight
         self.matrix, self.copy_back, self.grad, self.low = matrix, copy_back, grad, low
         self.basis, self.side, self.refreshed, self.step = basis, side, refreshed, step
         self.projected, self.specs = projected, specs
         self.moments: dict[str, Tensor] = {}
+        # What applies ``basis`` (None: the group's projector). A sharded parameter's left
+        # side applies a dense slice of its basis (``distributed.fsdp``).
+        self.projector = projector
+
+
+def item_projector(items: list[Item], group: dict) -> Projector | None:
+    """The projector that applies the bases of a bucket's items (``None``: full rank)."""
+    if not items[0].projected:
+        return None
+    return items[0].projector or get_projector(group["projector"])
 
 
 def as_matrix(weight: Tensor, shape: tuple[int, int]) -> tuple[Tensor, bool]:
@@ -64,11 +76,24 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None,
     """The item of ``p`` for this step, or ``None`` when ``skip_nonfinite`` skips it.
     ``window``: an accumulated projected gradient (``grad`` is then the window's last
     micro-batch, or ``None`` when only the projected gradient was ever formed)."""
+    if is_dtensor(p):
+        if window is not None:
+            raise RuntimeError("accumulation windows (step_in_backward) are not supported "
+                               "for FSDP2-sharded parameters")
+        from ..distributed import fsdp
+
+        return fsdp.prepare(opt, p, group, grad)
     if grad is not None:
         opt._check_grad(p, grad)
     if opt._skips_nonfinite(group, grad if window is None else window):
         return None
     target = target_of(p)
+    if target is not PARAMETER and world_size() > 1:
+        # DDP reduces parameters' .grad only; a layer that keeps its gradient elsewhere
+        # (Int8Linear) would train on this rank's gradient alone.
+        raise RuntimeError(
+            f"{type(target).__name__} weights (e.g. Int8Linear) are not supported with "
+            f"{world_size()} ranks: their gradients are not reduced by DDP or FSDP2")
     state = opt.state[p]
     first = "step" not in state
     step = state.get("step", 0)
@@ -146,7 +171,8 @@ def buckets(items: list[Item]) -> list[list[Item]]:
     """Items that one call of the functional API can take together."""
     out: dict[tuple, list[Item]] = {}
     for item in items:
-        key = (item.projected, item.low.device, item.low.dtype, item.matrix.dtype)
+        key = (item.projected, item.low.device, item.low.dtype, item.matrix.dtype,
+               id(item.projector))
         out.setdefault(key, []).append(item)
     return list(out.values())
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from .._validate import check_betas
 from ..functional import subspace_lion
-from ..projectors.base import get_projector
 from . import engine
 from .base import SubspaceOptimizer
 from .hyperparameters import host_hyperparameters, tensor_lr
@@ -51,7 +50,7 @@ class SubspaceLion(SubspaceOptimizer):
         subspace_lion(
             [it.matrix for it in items], [it.low for it in items], [it.basis for it in items],
             [it.moments["exp_avg"] for it in items], [it.step + 1 for it in items],
-            projector=get_projector(group["projector"]) if projected else None,
+            projector=engine.item_projector(items, group),
             sides=[it.side for it in items], lr=tensor_lr(group, impl, hp),
             beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
             scale=group["scale"] if projected else 1.0, maximize=group["maximize"], impl=impl,
