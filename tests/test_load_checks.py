@@ -135,3 +135,16 @@ def test_a_state_dict_of_a_sibling_class_with_the_same_rule_loads():
     twin = so.SubspaceAdamW(_groups(model))
     twin.load_state_dict(copy.deepcopy(galore.state_dict()))
     assert twin.param_groups[1]["convention"] == "galore"
+
+
+def test_a_state_dict_loads_twice():
+    """torch's __setstate__ adds a 'differentiable' default that no group holds; a second
+    load (transformers' Trainer through accelerate loads again on resume) must not then
+    refuse the groups."""
+    model = _model()
+    opt = so.GaLoreAdamW(_groups(model))
+    _steps(model, opt)
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
+    opt.load_state_dict(saved)
+    assert opt.state_dict()["param_groups"] == saved["param_groups"]

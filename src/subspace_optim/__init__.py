@@ -6,6 +6,7 @@ Swap ``torch.optim.AdamW`` for :class:`SubspaceAdamW` (or ``galore_torch.GaLoreA
 
 from .layerwise import BackwardStepper, step_in_backward
 from .memory import optimizer_state_bytes
+from .named_groups import param_groups
 from .optim import (
     DCTAdamW,
     FloraAdafactor,
@@ -45,6 +46,7 @@ __all__ = [
     "SubspaceOptimizer",
     "get_projector",
     "optimizer_state_bytes",
+    "param_groups",
     "register_projector",
     "registered_projectors",
     "step_in_backward",

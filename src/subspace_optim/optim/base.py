@@ -114,7 +114,12 @@ class SubspaceOptimizer(Optimizer):
         # Also called by load_state_dict (with state and groups only): attributes that
         # already exist are kept; an unpickled or deep-copied optimizer gets fresh ones (its
         # copy is not attached to the original's backward hooks).
+        had_flag = "differentiable" in self.__dict__.get("defaults", {})
         super().__setstate__(state)
+        if not had_flag:
+            # torch's __setstate__ adds this flag, which no group here holds (it is refused
+            # as True): a second load_state_dict would then find groups lacking it.
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_default_projector", type(self).default_projector)
         self.__dict__.setdefault("_backward_stepper", None)
         self.__dict__.setdefault("_pending_clip_norm", None)
