@@ -53,9 +53,11 @@ def train(
     from .train.deps import MissingDependency
     from .train.loop import run_directory
     from .train.loop import train as run
+    from .train.parallel import from_main, setup, teardown
     from .train.report import plot_losses, summary_rows
 
     console = Console()
+    par = None
     try:
         if resume is not None:
             cfg = load_saved_config(resume / "config.json")
@@ -67,11 +69,27 @@ def train(
             run_dir = resume
         else:
             cfg = load_config(config, set_ or [])
-            run_dir = run_directory(cfg, Path(config).stem)
+        # Under torchrun: every rank joins the process group; rank 0 alone speaks, names
+        # the run directory (from the clock) and tells the others.
+        par = setup(cfg)
+        console.quiet = not par.main
+        if resume is None:
+            named: Path | ConfigError | None = None
+            if par.main:
+                try:
+                    named = run_directory(cfg, Path(config).stem)
+                except ConfigError as error:  # the other ranks must hear of it too
+                    named = error
+            named = from_main(par, named)
+            if isinstance(named, ConfigError):
+                raise named
+            run_dir = named
         console.print(f"[bold]run[/bold] {run_dir}  optimizer [bold]{cfg.optimizer.name}[/bold]"
                       f"  model [bold]{cfg.model}[/bold]  data [bold]{cfg.data.source}[/bold]")
         result = run(cfg, run_dir, resume=resume is not None, progress=progress)
     except (ConfigError, CheckpointError, MissingDependency, FileNotFoundError) as error:
+        if par is not None:
+            teardown(par)
         console.print(f"[bold red]error:[/bold red] {error}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -85,6 +103,9 @@ def train(
                       f"--set training.steps=N (N > {result.steps}); keys that may change on "
                       f"resume: {', '.join(RESUMABLE_KEYS)}")
         return
+    teardown(par)
+    if not par.main:
+        raise typer.Exit(130 if result.interrupted else 0)
     if not run_dir.exists():  # stopped before its first step: nothing to show or resume
         console.print("[yellow]stopped before the first step; nothing was saved[/yellow]")
         raise typer.Exit(130)

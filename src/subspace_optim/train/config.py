@@ -69,8 +69,9 @@ class TrainingConfig:
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
-    dtype: str = "fp32"  # fp32 | bf16 | autocast
+    dtype: str = "fp32"  # fp32 | bf16 | autocast | fp64
     layerwise: bool = False
+    parallel: str = "none"  # none | ddp | fsdp (the last two under torchrun)
     int8_weights: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
@@ -103,7 +104,9 @@ class RunConfig:
 
 CHOICES = {
     "data.source": ("stdlib", "files", "hub"),
-    "training.dtype": ("fp32", "bf16", "autocast"),
+    # fp64: for numerical checks (a distributed run against one process, to rounding).
+    "training.dtype": ("fp32", "bf16", "autocast", "fp64"),
+    "training.parallel": ("none", "ddp", "fsdp"),
 }
 
 

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from ..layerwise import step_in_backward
 from ..memory import optimizer_state_bytes
+from . import dist_checkpoint, parallel
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from .config import ConfigError, RunConfig
 from .data import prepare
@@ -46,7 +48,9 @@ def token_losses(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Ten
     """(sum of next-token cross-entropies over the batch, number of predicted tokens)."""
     logits = model(input_ids=batch[:, :-1]).logits
     targets = batch[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    # At least fp32 (bf16 logits), never below the model's precision (fp64 runs).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            reduction="sum")
     return loss, targets.numel()
 
@@ -138,20 +142,22 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     checkpoint never holds a half-applied step); a second Ctrl-C stops at once without
     saving. A run that fails or is stopped before its first step leaves no directory."""
     t = cfg.training
-    device = _device(cfg)
+    par = parallel.setup(cfg)
+    device = parallel.device(par, _device(cfg))
     torch.manual_seed(t.seed)
-    tok, batches, val = prepare(cfg.data, t.seed, t.batch_size)
+    if par.main:
+        tok, batches, val = prepare(cfg.data, t.seed, t.batch_size)
+    parallel.barrier(par)  # rank 0 has written the token cache: the others read it
+    if not par.main:
+        tok, batches, val = prepare(cfg.data, t.seed, t.batch_size)
     model = build_model(cfg, tok.get_vocab_size())
-    if t.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    if t.dtype in ("bf16", "fp64"):
+        model = model.to(torch.bfloat16 if t.dtype == "bf16" else torch.float64)
     model = model.to(device)
+    wrapped, ddp = parallel.wrap(par, model)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    stepper = None
-    if t.layerwise:
-        stepper = step_in_backward(optimizer, t.accumulation_steps,
-                                   max_grad_norm=t.max_grad_norm)
-    forward_model = torch.compile(model) if t.compile else model
+    forward_model = torch.compile(wrapped) if t.compile else wrapped
 
     def autocast():
         if t.dtype == "autocast":
@@ -167,25 +173,41 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                              ckpt["history"]["val"][-1]["val_ppl"],
                              skipped_steps=ckpt["history"].get("skipped_steps", 0),
                              already_finished=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if par.distributed:
+            dist_checkpoint.load(run_dir / "checkpoints", model, optimizer)
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
         history = {"skipped_steps": 0, **ckpt["history"]}
         window = ckpt.get("window", window)
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        if par.main:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
+    # After a resume's load: DCP's loading steps a fresh optimizer once (at lr 0) to create
+    # its state, which layer-wise hooks would turn into a no-op.
+    stepper = None
+    if t.layerwise:
+        stepper = step_in_backward(optimizer, t.accumulation_steps,
+                                   max_grad_norm=t.max_grad_norm, ddp=ddp)
     created = not resume and not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    parallel.barrier(par)  # every rank has seen whether the directory existed
+    if par.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    parallel.barrier(par)
     start = step
 
     def checkpoint() -> None:
+        rest = {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "step": step, "history": history, "window": window, "config": cfg.to_dict(),
+                "world_size": par.world}
+        if par.distributed:
+            dist_checkpoint.save(run_dir / "checkpoints", step, rest, model, optimizer, par)
+            return
         save_checkpoint(run_dir / "checkpoints", step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-            "history": history, "window": window, "config": cfg.to_dict(),
-        })
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), **rest})
 
     def evaluate_now() -> None:
         loss, ppl = evaluate(forward_model, val, t.batch_size, t.eval_batches, device, autocast)
@@ -193,7 +215,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         _log(metrics, {"step": step, "val_loss": loss, "val_ppl": ppl})
 
     def log_window(grad_norm) -> None:
-        tokens_per_s = window["tokens"] / max(window["seconds"], 1e-9)
+        # Tokens of the global batch: every rank counts its own slice.
+        tokens_per_s = window["tokens"] * par.world / max(window["seconds"], 1e-9)
         _log(metrics, {
             "step": step, "loss": window["loss"] / window["steps"],
             "lr": scheduler.get_last_lr()[-1],
@@ -208,28 +231,31 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
 
     interrupted = False
     try:
-        with open(run_dir / "metrics.jsonl", "a") as metrics, DeferredInterrupt() as interrupt:
-            bar = _Progress(t.steps, step, enabled=progress)
+        metrics_path = run_dir / "metrics.jsonl" if par.main else Path(os.devnull)
+        with open(metrics_path, "a") as metrics, DeferredInterrupt() as interrupt:
+            bar = _Progress(t.steps, step, enabled=progress and par.main)
             try:
                 if not history["val"]:
                     evaluate_now()
                 end = t.steps if stop_after is None else min(t.steps, step + stop_after)
-                while step < end and not interrupt.requested:
+                # A Ctrl-C seen by any rank stops every rank after the same step.
+                while step < end and not parallel.any_rank(par, interrupt.requested):
                     began = time.perf_counter()
                     skips = optimizer.nonfinite_skips
                     loss_sum = 0.0
                     for micro in range(t.accumulation_steps):
-                        batch = batches[step * t.accumulation_steps + micro].to(device)
+                        batch = parallel.local_batch(
+                            par, batches[step * t.accumulation_steps + micro]).to(device)
                         with autocast():
                             loss, n = token_losses(forward_model, batch)
                         mean = loss / n
                         (mean / t.accumulation_steps).backward()
                         loss_sum += mean.item() / t.accumulation_steps
                         window["tokens"] += n
+                    loss_sum = parallel.mean_over_ranks(par, loss_sum)
                     if stepper is None:
-                        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                    t.max_grad_norm)
-                                     if t.max_grad_norm else None)
+                        grad_norm = (parallel.full_norm(torch.nn.utils.clip_grad_norm_(
+                            model.parameters(), t.max_grad_norm)) if t.max_grad_norm else None)
                         optimizer.step()
                     else:
                         optimizer.step()  # closes the step: parameters already moved
@@ -256,12 +282,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             finally:
                 bar.close()
     except BaseException:
-        if created and step == start:  # nothing trained: leave no empty run behind
+        if created and step == start and par.main:  # nothing trained: leave no empty run
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     if step > start:
         checkpoint()
-    elif created:  # stopped before the first step
+    elif created and par.main:  # stopped before the first step
         shutil.rmtree(run_dir, ignore_errors=True)
     if stepper is not None:
         stepper.remove()
