@@ -211,6 +211,43 @@ def refusals(rank: int, world: int) -> dict[str, str]:
     return messages
 
 
+def refresh_work(rank: int, world: int) -> dict[str, Any]:
+    """SVDs each rank computes in a refresh of the 3 matrices under DDP and FSDP2, and
+    whether every rank ends with the same bases."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from subspace_optim.projectors import svd
+
+    calls = {"n": 0}
+    original = svd.refreshed_basis
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    svd.refreshed_basis = counting
+    report: dict[str, Any] = {}
+    try:
+        for mode in ("ddp", "fsdp"):
+            case = Case("refresh", "GaLoreAdamW", mode)
+            model = build_model(False)
+            forward = DistributedDataParallel(model) if mode == "ddp" else model
+            if mode == "fsdp":
+                shard(model)
+            opt = build_optimizer(case, model)
+            calls["n"] = 0
+            train(case, model, opt, batches(case)[:1], rank, world,
+                  ddp=forward if mode == "ddp" else None)
+            bases = [opt.state[p]["proj_basis"] for p in opt.state if "proj_basis" in opt.state[p]]
+            every = [None] * world
+            dist.all_gather_object(every, (calls["n"], [b.tolist() for b in bases]))
+            report[mode] = {"calls": [c for c, _ in every],
+                            "same": all(b == every[0][1] for _, b in every)}
+    finally:
+        svd.refreshed_basis = original
+    return report
+
+
 def worker(rank: int, world: int, port: int, cases: list[Case], out: str) -> None:
     """Run every case (and the DCP save of ``out/dcp_*``) on this rank."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -230,7 +267,9 @@ def worker(rank: int, world: int, port: int, cases: list[Case], out: str) -> Non
             if rank == 0:
                 torch.save(result, os.path.join(out, case.name + ".pt"))
         messages = refusals(rank, world)
+        work = refresh_work(rank, world)
         if rank == 0:
             torch.save(messages, os.path.join(out, "refusals.pt"))
+            torch.save(work, os.path.join(out, "refresh_work.pt"))
     finally:
         dist.destroy_process_group()

@@ -155,3 +155,12 @@ def test_eight_bit_scales_per_row_rebuild_any_aligned_sharding(width, rows):
     decoded = dequantize_blockwise_8bit(codes, absmax, signed=True)
     assert torch.equal(dequantize_blockwise_8bit(codes, _block_absmax(scales, codes), True),
                        decoded)
+
+
+def test_refreshes_are_dealt_out_to_owner_ranks(runs):
+    """A refresh of the 3 matrices: rank 0 computes 2 SVDs, rank 1 one (round-robin), and
+    every rank ends with the same bases (broadcast)."""
+    work = torch.load(runs / "refresh_work.pt", weights_only=True)
+    for mode in ("ddp", "fsdp"):
+        assert work[mode]["calls"] == [2, 1], (mode, work[mode])
+        assert work[mode]["same"], mode

@@ -203,7 +203,13 @@ class SubspaceOptimizer(Optimizer):
 
     @torch.compiler.disable
     def _eager_step(self) -> None:
-        self._steady_step()
+        from ..distributed import refresh
+
+        try:
+            refresh.precompute(self)
+            self._steady_step()
+        finally:
+            refresh.discard()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)

@@ -16,6 +16,11 @@ from torch import Tensor
 from ..projectors.base import REPROJECT, RESET, Projector, Side
 from . import moments
 
+# Projector state computed for this step by another rank (``distributed.refresh``: one owner
+# per matrix), by ``id`` of the parameter's state dict; :func:`refresh` installs it instead
+# of computing.
+computed: dict[int, dict[str, Any]] = {}
+
 
 @torch.compiler.disable
 def refresh(projector: Projector, state: dict, group: dict, g: Tensor, side: Side,
@@ -28,7 +33,14 @@ def refresh(projector: Projector, state: dict, group: dict, g: Tensor, side: Sid
     old_basis = None
     if policy == REPROJECT and stored:
         old_basis = projector.basis(state, group, g, side)
-    low = projector.refresh(state, group, g, side)
+    given = computed.pop(id(state), None)
+    if given is not None:
+        # Every rank, the owner too, then projects alike (a refresh's by-product projection
+        # may round differently from project()).
+        state.update(given)
+        low = None
+    else:
+        low = projector.refresh(state, group, g, side)
     basis = projector.basis(state, group, g, side)
     if low is None:
         low = projector.project(basis, g, side)

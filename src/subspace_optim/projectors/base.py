@@ -124,6 +124,10 @@ class Projector:
     # needs no first refresh), and whether it is refreshed every ``update_proj_gap`` steps.
     basis_key: ClassVar[str | None] = None
     periodic: ClassVar[bool] = True
+    # Whether a refresh costs enough (an SVD, a scoring of every column) that with several
+    # ranks one owner per matrix computes it and broadcasts the result
+    # (``distributed.refresh``); cheap ones (a new seed, row norms) run on every rank.
+    refresh_on_owner: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

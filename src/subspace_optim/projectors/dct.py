@@ -82,6 +82,7 @@ class DCTProjector(MatrixProjector):
     name = "dct"
     defaults = {"update_proj_gap": 1, "scale": 1.0, "rotate_subspace": False, "sim_type": "matmul"}
     basis_key = "proj_indices"
+    refresh_on_owner = True
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)

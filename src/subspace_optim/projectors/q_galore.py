@@ -69,6 +69,7 @@ class QGaLoreProjector(Projector):
                 "gamma_proj": 2, "queue_size": 5, "cos_abs": False}
     host_state_keys = frozenset({"proj_queue"})
     basis_key = "proj_codes"
+    refresh_on_owner = True
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)

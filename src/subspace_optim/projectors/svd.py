@@ -78,6 +78,7 @@ class SVDProjector(MatrixProjector):
 
     name = "galore"
     basis_key = "proj_basis"
+    refresh_on_owner = True
 
     def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
         basis = refreshed_basis(state, grad, group["rank"], side)
