@@ -55,6 +55,8 @@ CASES = (
        Case("fsdp-big-GaLoreAdamW8bit", "GaLoreAdamW8bit", "fsdp", big=True,
             split_reference=True, group=EIGHT_BIT_GROUP),
        Case("fsdp-clip-GaLoreAdamW", "GaLoreAdamW", "fsdp", max_grad_norm=0.05)]
+    + [Case(f"fsdp-state_bits-{bits}-{n}", n, "fsdp", group={"state_bits": bits})
+       for bits in (16, 32) for n in ("GaLoreAdamW", "SubspaceLion", "GaLoreAdafactor")]
 )
 DCP_CASES = [Case("dcp-GaLoreAdamW", "GaLoreAdamW", "dcp"),
              Case("dcp-big-GaLoreAdamW8bit", "GaLoreAdamW8bit", "dcp", big=True,
