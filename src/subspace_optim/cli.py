@@ -123,3 +123,63 @@ def train(
         console.print(f"[yellow]stopped at step {result.steps}; continue with[/yellow] "
                       f"subspace-optim train --resume {run_dir}")
         raise typer.Exit(130)
+
+
+@app.command()
+def memory(
+    config: Annotated[str, typer.Argument(
+        help="A train config: a name in [bold]configs/train/[/bold] or a YAML path.")] = "default",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a value: [bold]section.key=value[/bold] (YAML), repeatable.")
+    ] = None,
+    gpu_gib: Annotated[float | None, typer.Option(
+        "--gpu-gib", help="Say whether the run fits a GPU of this many GiB.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object of byte counts.")
+                     ] = False,
+) -> None:
+    """Plan a run's memory: weights, gradients, optimizer states, projectors, activations,
+    workspace and the peak, from the real model and optimizer built on the meta device (no
+    memory is allocated for them)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .train.config import ConfigError, load_config
+    from .train.planner import KEYS, fits, plan
+
+    console = Console()
+    try:
+        cfg = load_config(config, set_ or [])
+        if gpu_gib is not None and not gpu_gib > 0:
+            raise ConfigError(f"--gpu-gib must be a number > 0, got {gpu_gib}")
+        result = plan(cfg)
+    except (ConfigError, ValueError, TypeError) as error:
+        console.print(f"[bold red]error:[/bold red] {error}")
+        raise typer.Exit(2) from None
+    figures = result.to_dict()
+    if json_:
+        record = dict(figures)
+        if gpu_gib is not None:
+            record["gpu_bytes"] = int(gpu_gib * 2**30)
+            record["fits"] = fits(result, gpu_gib)
+        typer.echo(json.dumps(record))
+        return
+    t = cfg.training
+    switches = [name for name, on in (("layer-wise", t.layerwise), ("INT8 weights", t.int8_weights),
+                                      ("activation checkpointing", t.activation_checkpointing))
+                if on]
+    table = Table(title=f"{cfg.model}, {cfg.optimizer.name}, batch {t.batch_size} x "
+                        f"{cfg.data.seq_len} tokens, {t.dtype}"
+                        + (f", {', '.join(switches)}" if switches else ""))
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    table.add_column("bytes", justify="right")
+    for key in KEYS:
+        style = "bold" if key == "total" else None
+        table.add_row(key.replace("_", " "), f"{figures[key] / 2**30:.3f}", f"{figures[key]:,}",
+                      style=style)
+    console.print(table)
+    console.print("total: the peak, where activations or gradients meet the workspace "
+                  "(see the README's memory planner section)")
+    if gpu_gib is not None:
+        verdict = "[green]fits[/green]" if fits(result, gpu_gib) else "[red]does not fit[/red]"
+        console.print(f"a {gpu_gib:g} GiB GPU: {verdict}")

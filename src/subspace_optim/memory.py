@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -22,3 +23,22 @@ def optimizer_state_bytes(optimizer: Optimizer) -> int:
     """Total bytes of every tensor held in ``optimizer.state`` (moments, bases, indices,
     seeds, quantisation scales...), counted from the tensors themselves."""
     return sum(_tensor_bytes(state) for state in optimizer.state.values())
+
+
+def peak_cpu_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``(fn(), peak)``: the most bytes of tensor memory that ``fn`` had allocated at once
+    on the CPU beyond what was allocated before it, from the allocator's own record of each
+    allocation and free (``torch.profiler`` with ``profile_memory``). The CPU has no
+    allocator statistics like ``torch.cuda.max_memory_allocated``; this is their
+    counterpart."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return result, peak

@@ -88,9 +88,17 @@ class GrassProjector(Projector):
     def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
         seed = next_seed(int(state["proj_seed"]))
         state["proj_seed"] = seed_tensor(seed)
-        gen = torch.Generator(device=grad.device).manual_seed(seed)
         norms_sq = grad.float().pow(2).sum(dim=1 if side == "left" else 0)
-        idx, scales = select_rows(norms_sq, group["rank"], group["selection"], gen)
+        if grad.is_meta:
+            # The memory planner (meta tensors): a selection of the right shapes and dtypes,
+            # made on the host from a stand-in vector of norms.
+            gen = torch.Generator().manual_seed(seed)
+            idx, scales = select_rows(torch.ones(norms_sq.shape), group["rank"],
+                                      group["selection"], gen)
+            idx, scales = idx.to(grad.device), scales.to(grad.device)
+        else:
+            gen = torch.Generator(device=grad.device).manual_seed(seed)
+            idx, scales = select_rows(norms_sq, group["rank"], group["selection"], gen)
         state["proj_indices"], state["proj_scales"] = idx, scales
         return None
 

@@ -25,6 +25,10 @@ def top_singular_basis(grad: Tensor, rank: int, side: Side) -> Tensor | None:
     GaLore issue #58). Returns ``None`` if both fail or give non-finite values, so the
     caller can keep its previous basis instead of training on NaN.
     """
+    if grad.is_meta:
+        # Shape and dtype only: the memory planner builds the state on meta tensors.
+        m, n = grad.shape
+        return grad.new_empty((rank, n) if side == "right" else (m, rank), dtype=torch.float32)
     for dtype in (torch.float32, torch.float64):
         try:
             u, _, vh = torch.linalg.svd(grad.to(dtype), full_matrices=False)
