@@ -21,9 +21,9 @@ copy of the gradient and the factors ``U``, ``Vh``) or an INT8 weight's fp32 cop
 The peak is where these meet: with ordinary steps, either the start of backward (all
 activations and the logits' gradient), the optimizer step (every gradient and the step's
 workspace) or, with activation checkpointing, the backward of the first layers (nearly
-every gradient and a layer recomputed); in layer-wise mode gradients live one parameter at a time and the step runs
-inside backward, so activations, one gradient and the step's workspace coincide. Weights,
-optimizer states and projectors are held throughout.
+every gradient and a layer recomputed); in layer-wise mode gradients live one parameter
+at a time and the step runs inside backward, so activations, one gradient and the step's
+workspace coincide. Weights, optimizer states and projectors are held throughout.
 """
 
 from __future__ import annotations
