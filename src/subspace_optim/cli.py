@@ -183,3 +183,66 @@ def memory(
     if gpu_gib is not None:
         verdict = "[green]fits[/green]" if fits(result, gpu_gib) else "[red]does not fit[/red]"
         console.print(f"a {gpu_gib:g} GiB GPU: {verdict}")
+
+
+@app.command()
+def compare(
+    config: Annotated[str, typer.Argument(
+        help="A train config: a name in [bold]configs/train/[/bold] or a YAML path.")],
+    optimizers: Annotated[str, typer.Option(
+        help="Comma-separated optimizer classes; [bold]AdamW[/bold] is the full-rank "
+             "baseline at the projected run's per-group learning rates.")],
+    lr_sweep: Annotated[bool, typer.Option(
+        help="Run each optimizer at lr x 1/3, 1, 3 and report the best.")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a value of every run: [bold]section.key=value[/bold].")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Where the runs and results go (default runs/compare-<config>-<time>).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train the same model on the same data and token budget with each optimizer; write
+    results.csv (every run), results.md (the best run per optimizer) and curves.png."""
+    import datetime
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from .train.compare import execute, plan_runs, write_outputs
+    from .train.config import ConfigError, load_config
+
+    console = Console()
+    try:
+        cfg = load_config(config, set_ or [])
+        names = [n.strip() for n in optimizers.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--optimizers names no optimizer")
+        runs = plan_runs(cfg, names, lr_sweep)
+        out = out or Path(cfg.output.dir) / \
+            f"compare-{Path(config).stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        if (out / "results.csv").exists():
+            raise ConfigError(f"{out} already holds a comparison")
+        out.mkdir(parents=True, exist_ok=True)
+        total = len(runs) * cfg.training.steps
+        with Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[run]}"), TimeRemainingColumn(),
+                      disable=not progress, console=console) as bar:
+            task = bar.add_task("compare", total=total, run="")
+
+            def advance(done: int) -> None:
+                run = runs[min(done // max(cfg.training.steps, 1), len(runs) - 1)].name
+                bar.update(task, completed=done, run=run)
+
+            rows = execute(config, set_ or [], runs, out, cfg.training.steps, advance)
+    except ConfigError as error:
+        console.print(f"[bold red]error:[/bold red] {error}")
+        raise typer.Exit(2) from None
+    csv_path, md_path, png = write_outputs(rows, out)
+    console.print(md_path.read_text())
+    console.print(f"every run: {csv_path}\ntable: {md_path}\nloss curves: {png}")

@@ -1,0 +1,170 @@
+"""``subspace-optim compare``: the same model, data and token budget with each optimizer.
+
+Each run is a ``subspace-optim train`` of its own process (so that peak memory, the
+process's resident maximum on the CPU and the allocator's on CUDA, is the run's own), in
+``<compare dir>/<run name>``. ``AdamW`` names the full-rank baseline: torch's AdamW update
+(``SubspaceAdamW`` groups without ``rank``) with the projected run's learning rates per
+group, ``lr`` for the rest and ``lr x scale`` for the weights the others project, since a
+comparison that gives every optimizer one learning rate measures the learning rate.
+``--lr-sweep`` runs each optimizer at ``lr x {1/3, 1, 3}`` (both groups of the baseline
+scaled together) and reports the best by final validation perplexity.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+from .report import read_metrics
+
+BASELINE = "AdamW"
+SWEEP = (1 / 3, 1.0, 3.0)
+FIELDS = ("optimizer", "lr", "best", "final_val_ppl", "tokens_per_s", "optimizer_state_bytes",
+          "peak_memory_bytes", "wall_s", "run_dir")
+
+
+@dataclass
+class Run:
+    optimizer: str
+    lr: float
+    name: str
+    overrides: list[str]
+
+
+def plan_runs(cfg: RunConfig, optimizers: list[str], lr_sweep: bool) -> list[Run]:
+    import subspace_optim
+
+    known = set(subspace_optim.__all__) | {BASELINE}
+    for name in optimizers:
+        if name not in known or not name[0].isupper():
+            raise ConfigError(f"--optimizers: unknown optimizer {name!r} (library classes, or "
+                              f"{BASELINE} for the full-rank baseline)")
+    if len(set(optimizers)) != len(optimizers):
+        raise ConfigError(f"--optimizers names one optimizer twice: {optimizers}")
+    base_lr = cfg.optimizer.lr
+    if base_lr is None:
+        raise ConfigError("compare needs optimizer.lr (the learning rate it scales)")
+    scale = float(cfg.optimizer.group.get("scale", 1.0))
+    runs = []
+    for name in optimizers:
+        for factor in (SWEEP if lr_sweep else (1.0,)):
+            lr = base_lr * factor
+            tag = f"{name}-lr{lr:.3g}" if lr_sweep else name
+            if name == BASELINE:
+                overrides = ["optimizer.name=SubspaceAdamW", f"optimizer.lr={lr!r}",
+                             f"optimizer.group={{lr: {lr * scale!r}}}"]
+            else:
+                overrides = [f"optimizer.name={name}", f"optimizer.lr={lr!r}"]
+            runs.append(Run(name, lr, tag, overrides))
+    return runs
+
+
+def _last_step(run_dir: Path) -> int:
+    try:
+        train, _ = read_metrics(run_dir)
+    except (OSError, json.JSONDecodeError):
+        return 0
+    return train[-1]["step"] if train else 0
+
+
+def execute(config: str, sets: list[str], runs: list[Run], out: Path, steps: int,
+            on_progress: Callable[[int], None]) -> list[dict]:
+    """Train every run in turn; ``on_progress(steps done over the whole comparison)``."""
+    rows = []
+    for i, run in enumerate(runs):
+        run_dir = out / run.name
+        cmd = [sys.executable, "-m", "subspace_optim", "train", config, "--no-progress"]
+        for s in [*sets, *run.overrides, f"output.dir={out}", f"output.name={run.name}"]:
+            cmd += ["--set", s]
+        began = time.perf_counter()
+        with open(out / f"{run.name}.log", "w") as log:
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            while process.poll() is None:
+                on_progress(i * steps + _last_step(run_dir))
+                time.sleep(0.5)
+        if process.returncode != 0:
+            tail = (out / f"{run.name}.log").read_text()[-2000:]
+            raise ConfigError(f"the {run.name} run failed (exit {process.returncode}); its "
+                              f"log, {out / (run.name + '.log')}, ends:\n{tail}")
+        on_progress((i + 1) * steps)
+        rows.append(_row(run, run_dir, time.perf_counter() - began))
+    _mark_best(rows)
+    return rows
+
+
+def _row(run: Run, run_dir: Path, wall: float) -> dict:
+    train, val = read_metrics(run_dir)
+    rates = [r["tokens_per_s"] for r in train]
+    return {"optimizer": run.optimizer, "lr": run.lr, "best": False,
+            "final_val_ppl": val[-1]["val_ppl"],
+            "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else float("nan"),
+            "optimizer_state_bytes": train[-1]["optimizer_state_bytes"],
+            "peak_memory_bytes": train[-1]["peak_memory_bytes"], "wall_s": wall,
+            "run_dir": str(run_dir)}
+
+
+def _mark_best(rows: list[dict]) -> None:
+    best: dict[str, dict] = {}
+    for row in rows:
+        held = best.get(row["optimizer"])
+        if held is None or row["final_val_ppl"] < held["final_val_ppl"]:
+            best[row["optimizer"]] = row
+    for row in best.values():
+        row["best"] = True
+
+
+def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path, Path]:
+    """``results.csv`` (every run), ``results.md`` (the best run per optimizer) and
+    ``curves.png`` (their loss curves)."""
+    csv_path = out / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    best = [r for r in rows if r["best"]]
+    lines = ["| optimizer | lr | final validation perplexity | tokens/s | optimizer state "
+             "(MiB) | peak memory (MiB) | wall time (s) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(best, key=lambda r: r["final_val_ppl"]):
+        lines.append(f"| {r['optimizer']} | {r['lr']:.3g} | {r['final_val_ppl']:.2f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['optimizer_state_bytes'] / 2**20:.2f} | "
+                     f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['wall_s']:.1f} |")
+    md_path = out / "results.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path, _plot(best, out / "curves.png")
+
+
+def _plot(best: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for row in best:
+        train, val = read_metrics(Path(row["run_dir"]))
+        kind = ", full rank" if row["optimizer"] == BASELINE else ""
+        label = f"{row['optimizer']}{kind} (lr {row['lr']:.3g})"
+        line, = ax_train.plot([r["step"] for r in train], [r["loss"] for r in train],
+                              label=label)
+        ax_val.plot([r["step"] for r in val], [r["val_ppl"] for r in val], "o-",
+                    color=line.get_color(), label=label)
+    ax_train.set_title("training loss")
+    ax_train.set_xlabel("step")
+    ax_train.set_ylabel("loss (nats per token)")
+    ax_val.set_title("validation perplexity")
+    ax_val.set_xlabel("step")
+    ax_val.set_yscale("log")
+    for ax in (ax_train, ax_val):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,77 @@
+"""``subspace-optim compare``: the runs it plans, and a real comparison's table and PNG."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("typer")
+pytest.importorskip("matplotlib")
+
+from subspace_optim.train.compare import _mark_best, plan_runs  # noqa: E402
+from subspace_optim.train.config import ConfigError, load_config  # noqa: E402
+
+TINY = [
+    "model_config.hidden_size=32", "model_config.num_hidden_layers=2",
+    "model_config.num_attention_heads=2", "model_config.intermediate_size=64",
+    "data.vocab_size=300", "data.seq_len=32", "data.max_train_bytes=60000",
+    "data.max_val_bytes=20000", "training.batch_size=4", "training.warmup_steps=2",
+    "training.steps=6", "training.eval_every=3", "training.eval_batches=2",
+    "training.checkpoint_every=3", "training.log_every=2",
+    "optimizer.group={rank: 8, update_proj_gap: 3, scale: 0.25}",
+]
+
+
+def test_the_baseline_gets_the_projected_runs_learning_rates_per_group():
+    cfg = load_config(None, TINY)
+    runs = plan_runs(cfg, ["GaLoreAdamW", "AdamW"], lr_sweep=False)
+    baseline = runs[1]
+    assert "optimizer.name=SubspaceAdamW" in baseline.overrides  # no rank: full rank
+    assert "optimizer.lr=0.01" in baseline.overrides
+    assert "optimizer.group={lr: 0.0025}" in baseline.overrides  # lr x scale
+
+
+def test_lr_sweep_runs_three_rates_and_reports_the_best():
+    cfg = load_config(None, TINY)
+    runs = plan_runs(cfg, ["GaLoreAdamW", "AdamW"], lr_sweep=True)
+    assert [r.lr for r in runs[:3]] == pytest.approx([0.01 / 3, 0.01, 0.03])
+    assert len({r.name for r in runs}) == 6
+    rows = [{"optimizer": "A", "final_val_ppl": p, "best": False} for p in (90.0, 80.0, 85.0)]
+    _mark_best(rows)
+    assert [r["best"] for r in rows] == [False, True, False]
+
+
+def test_unknown_or_repeated_optimizers_are_refused():
+    cfg = load_config(None, TINY)
+    with pytest.raises(ConfigError, match="unknown optimizer 'Adam'"):
+        plan_runs(cfg, ["Adam"], False)
+    with pytest.raises(ConfigError, match="twice"):
+        plan_runs(cfg, ["GaLoreAdamW", "GaLoreAdamW"], False)
+
+
+def test_compare_writes_the_table_and_the_png(tmp_path):
+    from typer.testing import CliRunner
+
+    from subspace_optim.cli import app
+
+    sets = []
+    for s in [*TINY, f"data.cache_dir={tmp_path / 'cache'}"]:
+        sets += ["--set", s]
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", "default", "--optimizers",
+                                      "SubspaceAdamW,GaLoreAdamW", "--out", str(out),
+                                      "--no-progress", *sets])
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["optimizer"] for r in rows] == ["SubspaceAdamW", "GaLoreAdamW"]
+    for r in rows:
+        assert 1 < float(r["final_val_ppl"]) < 300  # trained below the vocabulary's 300
+        assert int(r["optimizer_state_bytes"]) > 0 and float(r["tokens_per_s"]) > 0
+    table = (out / "results.md").read_text()
+    assert "| optimizer | lr | final validation perplexity |" in table
+    assert "SubspaceAdamW" in table and "GaLoreAdamW" in table
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
