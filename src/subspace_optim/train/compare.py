@@ -26,6 +26,19 @@ from .report import read_metrics
 
 BASELINE = "AdamW"
 SWEEP = (1 / 3, 1.0, 3.0)
+# Classes whose constructor conventions differ from the config's projected group: Adafactor
+# runs at the compared lr (no relative steps), FloraAdafactor's groups take no scale.
+ADAFACTOR_AT_LR = "optimizer.kwargs={relative_step: false, scale_parameter: false}"
+
+
+def class_overrides(name: str, cfg: RunConfig) -> list[str]:
+    if name in ("SubspaceAdafactor", "GaLoreAdafactor"):
+        return [ADAFACTOR_AT_LR]
+    if name == "FloraAdafactor":
+        group = {k: v for k, v in cfg.optimizer.group.items() if k not in ("scale",
+                                                                           "projector")}
+        return ["optimizer.group={" + ", ".join(f"{k}: {v!r}" for k, v in group.items()) + "}"]
+    return []
 FIELDS = ("optimizer", "lr", "best", "final_val_ppl", "tokens_per_s", "optimizer_state_bytes",
           "peak_memory_bytes", "wall_s", "run_dir")
 
@@ -61,7 +74,8 @@ def plan_runs(cfg: RunConfig, optimizers: list[str], lr_sweep: bool) -> list[Run
                 overrides = ["optimizer.name=SubspaceAdamW", f"optimizer.lr={lr!r}",
                              f"optimizer.group={{lr: {lr * scale!r}}}"]
             else:
-                overrides = [f"optimizer.name={name}", f"optimizer.lr={lr!r}"]
+                overrides = [f"optimizer.name={name}", f"optimizer.lr={lr!r}",
+                             *class_overrides(name, cfg)]
             runs.append(Run(name, lr, tag, overrides))
     return runs
 
