@@ -48,3 +48,20 @@ def test_the_kernel_benchmark_refuses_a_cpu_timing():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+@pytest.mark.parametrize("script,expect", [
+    ("peers.py", ["torch AdamW (foreach)", "GaLoreAdamW", "two-GEMM floor"]),
+    ("refresh_cost.py", ["galore 48x96", "q_galore 96x200"]),
+    ("planner.py", ["| tiny |"]),
+    ("quality.py", ["| GaLoreAdamW |", "| AdamW |"]),
+    ("distributed.py", ["| 64x96 | 2 | 2 |"]),
+])
+def test_smoke_runs_of_the_issue_13_benchmarks(script, expect):
+    """Peers, refresh cost, planner against measurement, quality and the distributed
+    refresh strategies run end to end at tiny sizes (they write no CSV in smoke mode)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for text in expect:
+        assert text in result.stdout, (text, result.stdout[-3000:])

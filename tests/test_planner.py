@@ -11,19 +11,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("typer")
 
 from optim_db import OPTIMIZERS  # noqa: E402
 
-import subspace_optim as so  # noqa: E402
-from subspace_optim.memory import _tensor_bytes, peak_cpu_bytes  # noqa: E402
 from subspace_optim.train.config import load_config  # noqa: E402
-from subspace_optim.train.loop import token_losses  # noqa: E402
-from subspace_optim.train.model import build_model, build_optimizer  # noqa: E402
-from subspace_optim.train.planner import KEYS, plan  # noqa: E402
+from subspace_optim.train.planner import KEYS, measure, plan  # noqa: E402
 
 GIB = 2**30
 
@@ -37,33 +32,11 @@ def _settings(name: str) -> list[str]:
     return sets
 
 
-def _real_steps(cfg, steps: int = 2):
-    torch.manual_seed(0)
-    model = build_model(cfg, cfg.data.vocab_size)
-    opt = build_optimizer(model, cfg)
-    if cfg.training.layerwise:
-        so.step_in_backward(opt)
-    ids = torch.randint(0, cfg.data.vocab_size, (cfg.training.batch_size, cfg.data.seq_len + 1),
-                        generator=torch.Generator().manual_seed(0))
-    before = sum(_tensor_bytes(t) for t in (*model.parameters(), *model.buffers()))
-
-    def run():
-        for _ in range(steps):
-            loss, n = token_losses(model, ids)
-            (loss / n).backward()
-            opt.step()
-            opt.zero_grad()
-
-    _, peak = peak_cpu_bytes(run)
-    return opt, before + peak
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optimizer_state_matches_a_real_run(name):
     cfg = load_config(None, [*_settings(name), "training.batch_size=2", "data.seq_len=32"])
     planned = plan(cfg)
-    opt, _ = _real_steps(cfg)
-    measured = so.optimizer_state_bytes(opt)
+    measured, _ = measure(cfg)
     predicted = planned.optimizer_states + planned.projectors
     assert measured > 0
     assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)
@@ -82,7 +55,7 @@ def test_optimizer_state_matches_a_real_run(name):
 def test_total_is_within_ten_percent_of_the_measured_peak(sets):
     cfg = load_config(None, sets)
     planned = plan(cfg)
-    _, measured = _real_steps(cfg)
+    _, measured = measure(cfg)
     assert abs(planned.total - measured) <= 0.10 * measured, (planned, measured)
 
 

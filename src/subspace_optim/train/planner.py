@@ -184,3 +184,41 @@ def plan(cfg: RunConfig, vocab_size: int | None = None) -> MemoryPlan:
 
 def fits(plan_: MemoryPlan, gpu_gib: float) -> bool:
     return plan_.total <= gpu_gib * 2**30
+
+
+def measure(cfg: RunConfig, steps: int = 2) -> tuple[int, int]:
+    """``(optimizer_state_bytes, peak bytes)`` of ``steps`` real steps of ``cfg`` on random
+    tokens: the peak from the allocator (CUDA's statistics, or the CPU allocator's record
+    through the profiler) plus the weights allocated before the steps."""
+    from ..layerwise import step_in_backward
+    from ..memory import optimizer_state_bytes, peak_cpu_bytes
+    from .loop import token_losses
+
+    device = torch.device("cuda" if cfg.training.device in ("auto", "cuda") and
+                          torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg, cfg.data.vocab_size).to(_dtype(cfg)).to(device)
+    optimizer = build_optimizer(model, cfg)
+    if cfg.training.layerwise:
+        step_in_backward(optimizer)
+    ids = torch.randint(0, cfg.data.vocab_size, (cfg.training.batch_size, cfg.data.seq_len + 1),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run() -> None:
+        for _ in range(steps):
+            loss, n = token_losses(model, ids)
+            (loss / n).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        before = sum(_tensor_bytes(t) for t in (*model.parameters(), *model.buffers()))
+        _, extra = peak_cpu_bytes(run)
+        peak = before + extra
+    return optimizer_state_bytes(optimizer), peak

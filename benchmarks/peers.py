@@ -1,0 +1,197 @@
+"""Optimizer-state bytes and steady step time of every optimizer of this library against
+the peers, on one transformer block of LLaMA-130M (rank 256) and LLaMA-1B (rank 512):
+torch's AdamW (foreach and fused), bitsandbytes' AdamW8bit, galore-torch's GaLoreAdamW and
+GaLoreAdamW8bit, and q-galore-torch's QGaLoreAdamW8bit, each where it runs here.
+
+Every optimizer gets its own copy of the block's weights and one fixed gradient per
+weight; a first step (refreshes: SVDs, selections) runs outside the timing and the gap is
+longer than the run, so what is timed is the steady step. Steps are interleaved in a new
+random order each round; the figures are medians, and ratios to torch's AdamW (foreach),
+to galore-torch's GaLoreAdamW and to the two matrix products a projected step cannot avoid
+(``benchmarks/step_floor.py``), all in the same run. State bytes are counted from the
+tensors each optimizer holds (for galore-torch, also inside its projector objects).
+
+    python benchmarks/peers.py            # benchmarks/results/peers.csv
+    python benchmarks/peers.py --smoke    # tiny shapes, 2 rounds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _results import write_csv  # noqa: E402
+from step_floor import _floor  # noqa: E402
+
+import subspace_optim as so  # noqa: E402
+
+BLOCKS = {
+    "LLaMA-130M block": ([(768, 768)] * 4 + [(2048, 768)] * 2 + [(768, 2048)], 256),
+    "LLaMA-1B block": ([(2048, 2048)] * 4 + [(5461, 2048)] * 2 + [(2048, 5461)], 512),
+}
+SMOKE = {"smoke": ([(48, 48)] * 2 + [(96, 48), (48, 96)], 16)}
+GAP = 10**6
+SMALL_GROUP = {"quant_group_size": 64}  # Q-GaLore's INT4 groups on smoke-sized bases
+
+
+def _params(shapes: list[tuple[int, int]]) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return params
+
+
+def state_bytes(value, seen=None) -> int:
+    """Bytes of every tensor reachable from ``value`` (dicts, lists, objects' attributes),
+    each storage once."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        key = (value.untyped_storage().data_ptr(), value.device)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.untyped_storage().nbytes()
+    if isinstance(value, dict):
+        return sum(state_bytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(state_bytes(v, seen) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return sum(state_bytes(v, seen) for v in vars(value).values())
+    return 0
+
+
+def _ours(shapes, rank, smoke) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
+    out = {}
+    for name in so.__all__:
+        cls = getattr(so, name)
+        if not (isinstance(cls, type) and issubclass(cls, so.SubspaceOptimizer)) or \
+                cls is so.SubspaceOptimizer:
+            continue
+
+        def make(params, cls=cls, name=name):
+            group = {"params": params, "rank": rank, "update_proj_gap": GAP}
+            kwargs = {"lr": 1e-5}
+            if name == "FloraAdafactor":
+                return cls([group], **kwargs)
+            group["scale"] = 0.25
+            if "QGaLore" in name and smoke:
+                group.update(SMALL_GROUP)
+            if "Adafactor" in name:
+                kwargs.update(relative_step=False, scale_parameter=False)
+            return cls([group], **kwargs)
+
+        out[name] = make
+    return out
+
+
+def _peers(rank) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
+    out = {
+        "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-5, foreach=True),
+        "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-5, fused=True),
+    }
+    try:
+        import bitsandbytes as bnb
+
+        out["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-5)
+    except ImportError:
+        pass
+    try:
+        import galore_torch
+
+        def galore(cls):
+            return lambda ps: cls([{"params": ps, "rank": rank, "update_proj_gap": GAP,
+                                    "scale": 0.25, "proj_type": "std"}], lr=1e-5)
+
+        out["galore_torch GaLoreAdamW"] = galore(galore_torch.GaLoreAdamW)
+        out["galore_torch GaLoreAdamW8bit"] = galore(galore_torch.GaLoreAdamW8bit)
+    except ImportError:
+        pass
+    try:
+        import q_galore_torch
+
+        def q_galore(cls):
+            return lambda ps: cls(
+                [{"params": ps, "rank": rank, "update_proj_gap": GAP, "scale": 0.25,
+                  "proj_type": "std", "quant": True, "quant_n_bit": 4, "quant_group_size": 256,
+                  "cos_threshold": 0.4, "gamma_proj": 2, "queue_size": 5}], lr=1e-5)
+
+        out["q_galore_torch QGaLoreAdamW8bit"] = q_galore(q_galore_torch.QGaLoreAdamW8bit)
+        out["q_galore_torch QGaLoreAdamW8bit_simulate"] = q_galore(
+            q_galore_torch.QGaLoreAdamW8bit_simulate)
+    except ImportError:
+        pass
+    return out
+
+
+def measure(block: str, shapes, rank: int, rounds: int, smoke: bool) -> list[dict]:
+    steps: dict[str, Callable[[], None]] = {"two-GEMM floor": _floor(_params(shapes), rank)}
+    held: dict[str, int | str] = {"two-GEMM floor": ""}
+    skipped = {}
+    for name, make in {**_ours(shapes, rank, smoke), **_peers(rank)}.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt = make(_params(shapes))
+                opt.step()  # the refreshes, outside the timing
+        except Exception as error:  # a peer that does not run on this machine
+            skipped[name] = f"{type(error).__name__}: {str(error)[:120]}"
+            continue
+        steps[name] = opt.step
+        held[name] = state_bytes(opt.state)
+    times = {name: [] for name in steps}
+    order = random.Random(0)
+    for _ in range(rounds):
+        for name, fn in order.sample(list(steps.items()), len(steps)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    adamw = medians.get("torch AdamW (foreach)")
+    galore = medians.get("galore_torch GaLoreAdamW")
+    floor = medians["two-GEMM floor"]
+    rows = []
+    for name, m in medians.items():
+        rows.append({"block": block, "rank": rank, "optimizer": name,
+                     "state_bytes": held[name], "median_ms": round(m * 1e3, 3),
+                     "vs_torch_adamw": round(m / adamw, 3) if adamw else "",
+                     "vs_galore_torch": round(m / galore, 3) if galore else "",
+                     "vs_two_gemm_floor": round(m / floor, 3), "rounds": rounds, "note": ""})
+    for name, why in skipped.items():
+        rows.append({"block": block, "rank": rank, "optimizer": name, "state_bytes": "",
+                     "median_ms": "", "vs_torch_adamw": "", "vs_galore_torch": "",
+                     "vs_two_gemm_floor": "", "rounds": 0, "note": f"does not run: {why}"})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    blocks, rounds = (SMOKE, 2) if args.smoke else (BLOCKS, args.rounds)
+    rows = []
+    for block, (shapes, rank) in blocks.items():
+        rows += measure(block, shapes, rank, rounds, args.smoke)
+    print("| block | optimizer | state (MiB) | step (ms) | / torch AdamW | / galore-torch | "
+          "/ two-GEMM floor |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        mib = f"{r['state_bytes'] / 2**20:.1f}" if isinstance(r["state_bytes"], int) else ""
+        print(f"| {r['block']} | {r['optimizer']} | {mib} | {r['median_ms']} | "
+              f"{r['vs_torch_adamw']} | {r['vs_galore_torch']} | {r['vs_two_gemm_floor']} | "
+              f"{r['note']}")
+    if not args.smoke:
+        print(write_csv("benchmarks/results/peers.csv", rows))
+
+
+if __name__ == "__main__":
+    main()
