@@ -2,8 +2,9 @@
 every optimizer class of the library and the full-rank AdamW baseline, each at lr x 1/3, 1
 and 3 (``--lr-sweep``), on this machine's CPU.
 
-    python benchmarks/quality.py            # ~45 min on 2 cores; benchmarks/results/quality.csv
-    python benchmarks/quality.py --smoke    # 2 optimizers, 4 steps of a smaller model (CI)
+    python benchmarks/quality.py              # ~45 min on 2 cores; results/quality_sweep.csv
+    python benchmarks/quality.py --no-sweep   # each at the config's lr; results/quality.csv
+    python benchmarks/quality.py --smoke      # 2 optimizers, 4 steps of a smaller model (CI)
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ def classes() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="each optimizer at the config's learning rate only")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sets = SMOKE if args.smoke else []
     names = ["GaLoreAdamW", BASELINE] if args.smoke else [*classes(), BASELINE]
     cfg = load_config("default", sets)
-    runs = plan_runs(cfg, names, lr_sweep=not args.smoke)
+    sweep = not (args.smoke or args.no_sweep)
+    runs = plan_runs(cfg, names, lr_sweep=sweep)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +67,8 @@ def main() -> None:
         return
     for row in rows:
         row.pop("run_dir")
-    print(write_csv("benchmarks/results/quality.csv", rows))
+    name = "quality_sweep.csv" if sweep else "quality.csv"
+    print(write_csv(f"benchmarks/results/{name}", rows))
 
 
 if __name__ == "__main__":

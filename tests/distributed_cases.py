@@ -248,6 +248,37 @@ def refresh_work(rank: int, world: int) -> dict[str, Any]:
     return report
 
 
+def reattach(rank: int, world: int) -> dict[str, bool]:
+    """A DDP model's layer-wise stepper removed and another attached (DDP takes one
+    communication hook for its lifetime), then removed too: DDP averages again."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    case = Case("reattach", "GaLoreAdamW", "ddp", layerwise=True)
+    model = build_model(False)
+    ddp = DistributedDataParallel(model)
+    opt = build_optimizer(case, model)
+    data = batches(case)
+    for _ in range(2):
+        handle = so.step_in_backward(opt, ddp=ddp)
+        x, y = data[0]
+        nn.functional.mse_loss(ddp(x[rank::world]), y[rank::world]).backward()
+        opt.step()
+        handle.remove()
+    x, y = data[1]
+    nn.functional.mse_loss(ddp(x[rank::world]), y[rank::world]).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    every = [None] * world
+    dist.all_gather_object(every, [g.tolist() for g in grads])
+    single = build_model(False)
+    single.load_state_dict(model.state_dict())
+    nn.functional.mse_loss(single(x[: (x.shape[0] // world) * world]),
+                           y[: (x.shape[0] // world) * world]).backward()
+    averaged = all(torch.allclose(g, s.grad, rtol=1e-9, atol=1e-12)
+                   for g, s in zip(grads, single.parameters(), strict=True))
+    return {"same_on_every_rank": all(e == every[0] for e in every), "averaged": averaged,
+            "stepped_in_backward": int(opt.state[model[0].weight]["step"]) == 2}
+
+
 def worker(rank: int, world: int, port: int, cases: list[Case], out: str) -> None:
     """Run every case (and the DCP save of ``out/dcp_*``) on this rank."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -268,6 +299,7 @@ def worker(rank: int, world: int, port: int, cases: list[Case], out: str) -> Non
                 torch.save(result, os.path.join(out, case.name + ".pt"))
         messages = refusals(rank, world)
         work = refresh_work(rank, world)
+        work["reattach"] = reattach(rank, world)
         if rank == 0:
             torch.save(messages, os.path.join(out, "refusals.pt"))
             torch.save(work, os.path.join(out, "refresh_work.pt"))

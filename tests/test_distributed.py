@@ -166,3 +166,8 @@ def test_refreshes_are_dealt_out_to_owner_ranks(runs):
     for mode in ("ddp", "fsdp"):
         assert work[mode]["calls"] == [2, 1], (mode, work[mode])
         assert work[mode]["same"], mode
+
+
+def test_a_ddp_model_takes_a_second_stepper_and_averages_after_removal(runs):
+    work = torch.load(runs / "refresh_work.pt", weights_only=True)["reattach"]
+    assert work == {"same_on_every_rank": True, "averaged": True, "stepped_in_backward": True}

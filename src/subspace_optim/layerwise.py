@@ -36,6 +36,7 @@ class BackwardStepper:
         self.clip_norm: Tensor | None = optimizer._pending_clip_norm
         self._norm_sq: Tensor | None = None  # accumulating for the step in progress
         self._handles: list[Any] = []
+        self._ddp: Any = None  # the DDP model whose communication hook steps here
         self._group_index: dict[int, int] = {}
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
@@ -62,7 +63,13 @@ class BackwardStepper:
                 f"{len(missing)} parameter(s) of the DDP model (first of shape "
                 f"{tuple(missing[0].shape)}) are not in the optimizer; layer-wise mode under "
                 "DDP steps every parameter DDP reduces")
-        ddp.register_comm_hook(None, self._ddp_hook)
+        # DDP takes one communication hook for its lifetime: it forwards to the model's
+        # current stepper, and reduces as DDP's default hook once that stepper is removed.
+        if not getattr(ddp, "_subspace_hooked", False):
+            ddp.register_comm_hook(ddp, _forward_to_stepper)
+            ddp._subspace_hooked = True
+        ddp._subspace_stepper = self
+        self._ddp = ddp
         # DDP calls no hook under no_sync(): the gradient would pile up unreduced in .grad
         # and the window would miss it. Every micro-batch must be reduced (the projected
         # window then holds the sum of reduced micro-gradients, as in one process).
@@ -183,6 +190,8 @@ class BackwardStepper:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._ddp is not None and getattr(self._ddp, "_subspace_stepper", None) is self:
+            self._ddp._subspace_stepper = None
         self.optimizer._backward_stepper = None
         self.optimizer._pending_clip_norm = self.clip_norm  # for a later stepper or save
 
@@ -244,6 +253,16 @@ def step_in_backward(
     stepper = BackwardStepper(optimizer, accumulation_steps, max_grad_norm, clip, ddp)
     optimizer._backward_stepper = stepper
     return stepper
+
+
+def _forward_to_stepper(ddp, bucket):  # noqa: ANN001, ANN202 (DDP checks the annotations)
+    stepper = getattr(ddp, "_subspace_stepper", None)
+    if stepper is not None:
+        return stepper._ddp_hook(None, bucket)
+    import torch.distributed as dist
+
+    buffer = bucket.buffer().div_(dist.get_world_size())
+    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
 def _check_distributed(optimizer: SubspaceOptimizer, ddp: Any) -> None:
