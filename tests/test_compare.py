@@ -75,3 +75,22 @@ def test_compare_writes_the_table_and_the_png(tmp_path):
     assert "SubspaceAdamW" in table and "GaLoreAdamW" in table
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_finished_run_is_kept_when_the_comparison_continues(tmp_path):
+    """A comparison stopped part-way continues: a run folder that reached the last step is
+    read back, not trained again; one that stopped early is trained."""
+    import json
+
+    from subspace_optim.train.compare import _finished
+
+    done, partial = tmp_path / "A", tmp_path / "B"
+    for folder, last in ((done, 6), (partial, 3)):
+        folder.mkdir()
+        records = [{"step": 0, "val_loss": 5.0, "val_ppl": 150.0},
+                   {"step": last, "val_loss": 4.0, "val_ppl": 55.0}]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "A.json").write_text(json.dumps({"wall_s": 12.5}))
+    assert _finished(done, 6) == 12.5
+    assert _finished(partial, 6) is None
+    assert _finished(tmp_path / "C", 6) is None

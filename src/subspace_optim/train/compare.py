@@ -7,7 +7,8 @@ process's resident maximum on the CPU and the allocator's on CUDA, is the run's 
 group, ``lr`` for the rest and ``lr x scale`` for the weights the others project, since a
 comparison that gives every optimizer one learning rate measures the learning rate.
 ``--lr-sweep`` runs each optimizer at ``lr x {1/3, 1, 3}`` (both groups of the baseline
-scaled together) and reports the best by final validation perplexity.
+scaled together) and reports the best by final validation perplexity. Runs already
+finished in the output folder are kept, so a comparison stopped part-way continues.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def execute(config: str, sets: list[str], runs: list[Run], out: Path, steps: int
     rows = []
     for i, run in enumerate(runs):
         run_dir = out / run.name
+        done = _finished(run_dir, steps)
+        if done is not None:  # a comparison stopped part-way continues where it stopped
+            on_progress((i + 1) * steps)
+            rows.append(_row(run, run_dir, done))
+            continue
         cmd = [sys.executable, "-m", "subspace_optim", "train", config, "--no-progress"]
         for s in [*sets, *run.overrides, f"output.dir={out}", f"output.name={run.name}"]:
             cmd += ["--set", s]
@@ -108,9 +114,24 @@ def execute(config: str, sets: list[str], runs: list[Run], out: Path, steps: int
             raise ConfigError(f"the {run.name} run failed (exit {process.returncode}); its "
                               f"log, {out / (run.name + '.log')}, ends:\n{tail}")
         on_progress((i + 1) * steps)
-        rows.append(_row(run, run_dir, time.perf_counter() - began))
+        wall = time.perf_counter() - began
+        (out / f"{run.name}.json").write_text(json.dumps({"wall_s": wall}))
+        rows.append(_row(run, run_dir, wall))
     _mark_best(rows)
     return rows
+
+
+def _finished(run_dir: Path, steps: int) -> float | None:
+    """The wall time of a run already trained to ``steps`` (NaN when it was not recorded),
+    or ``None``."""
+    try:
+        _, val = read_metrics(run_dir)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not val or val[-1]["step"] != steps:
+        return None
+    record = run_dir.parent / f"{run_dir.name}.json"
+    return json.loads(record.read_text())["wall_s"] if record.exists() else float("nan")
 
 
 def _row(run: Run, run_dir: Path, wall: float) -> dict:
