@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -100,6 +101,8 @@ def execute(config: str, sets: list[str], runs: list[Run], out: Path, steps: int
             on_progress((i + 1) * steps)
             rows.append(_row(run, run_dir, done))
             continue
+        if run_dir.exists():  # this comparison's own run, stopped part-way: train it again
+            shutil.rmtree(run_dir)
         cmd = [sys.executable, "-m", "subspace_optim", "train", config, "--no-progress"]
         for s in [*sets, *run.overrides, f"output.dir={out}", f"output.name={run.name}"]:
             cmd += ["--set", s]
