@@ -40,3 +40,21 @@ def write_csv(path: str, rows: list[dict]) -> str:
         for row in rows:
             writer.writerow({**row, **info})
     return f"{info['device']}; commit {info['commit']}; {info['date']}"
+
+
+def interleaved_medians(candidates: dict, rounds: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds of each callable over ``rounds`` rounds, the candidates interleaved in
+    a new random order each round, so that drift and the cache state the previous one left
+    hit every candidate alike."""
+    import random
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    order = random.Random(seed)
+    for _ in range(rounds):
+        for name, fn in order.sample(list(candidates.items()), len(candidates)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

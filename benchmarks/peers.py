@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import write_csv  # noqa: E402
+from _results import interleaved_medians, write_csv  # noqa: E402
 from step_floor import _floor  # noqa: E402
 
 import subspace_optim as so  # noqa: E402
@@ -148,14 +145,7 @@ def measure(block: str, shapes, rank: int, rounds: int, smoke: bool) -> list[dic
             continue
         steps[name] = opt.step
         held[name] = state_bytes(opt.state)
-    times = {name: [] for name in steps}
-    order = random.Random(0)
-    for _ in range(rounds):
-        for name, fn in order.sample(list(steps.items()), len(steps)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = interleaved_medians(steps, rounds)
     adamw = medians.get("torch AdamW (foreach)")
     galore = medians.get("galore_torch GaLoreAdamW")
     floor = medians["two-GEMM floor"]

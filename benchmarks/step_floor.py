@@ -13,12 +13,9 @@ order; ratios to the floor and to galore-torch's ``GaLoreAdamW`` step on the sam
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 
 import torch
-from _results import write_csv
+from _results import interleaved_medians, write_csv
 
 import subspace_optim as so
 
@@ -78,16 +75,7 @@ def _optimizers(shapes, rank):
 
 def measure(shapes, rank: int, repeats: int) -> list[dict]:
     candidates = {"two-GEMM floor": _floor(_params(shapes), rank), **_optimizers(shapes, rank)}
-    times = {name: [] for name in candidates}
-    order = random.Random(0)
-    for _ in range(repeats):
-        # Interleaved in a new order each round, so that drift and cache state left by the
-        # previous candidate hit every candidate alike.
-        for name, fn in order.sample(list(candidates.items()), len(candidates)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = interleaved_medians(candidates, repeats)
     floor = medians["two-GEMM floor"]
     peer = medians.get("galore_torch.GaLoreAdamW")
     return [{"step": name, "median_ms": round(m * 1e3, 3), "vs_floor": round(m / floor, 3),
