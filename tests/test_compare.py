@@ -47,6 +47,8 @@ def test_unknown_or_repeated_optimizers_are_refused():
     cfg = load_config(None, TINY)
     with pytest.raises(ConfigError, match="unknown optimizer 'Adam'"):
         plan_runs(cfg, ["Adam"], False)
+    with pytest.raises(ConfigError, match="unknown optimizer 'Projector'"):
+        plan_runs(cfg, ["Projector"], False)
     with pytest.raises(ConfigError, match="twice"):
         plan_runs(cfg, ["GaLoreAdamW", "GaLoreAdamW"], False)
 

@@ -56,9 +56,11 @@ class Run:
 def plan_runs(cfg: RunConfig, optimizers: list[str], lr_sweep: bool) -> list[Run]:
     import subspace_optim
 
-    known = set(subspace_optim.__all__) | {BASELINE}
+    known = {n for n in subspace_optim.__all__ if isinstance(getattr(subspace_optim, n), type)
+             and issubclass(getattr(subspace_optim, n), subspace_optim.SubspaceOptimizer)
+             and n != "SubspaceOptimizer"} | {BASELINE}
     for name in optimizers:
-        if name not in known or not name[0].isupper():
+        if name not in known:
             raise ConfigError(f"--optimizers: unknown optimizer {name!r} (library classes, or "
                               f"{BASELINE} for the full-rank baseline)")
     if len(set(optimizers)) != len(optimizers):
