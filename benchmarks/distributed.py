@@ -174,6 +174,30 @@ def _worker(rank: int, world: int, port: int, smoke: bool, out: str) -> None:
     dist.destroy_process_group()
 
 
+def llama_7b_figures(world: int = 8, rank: int = 1024) -> dict[str, float]:
+    """The README's computed LLaMA-7B figures (GiB; fp32 gradients and states, GaLore's
+    side rule: m >= n projects on the right, moments m x r sharded by rows; else on the left,
+    moments r x n replicated, one r x n all-reduce per step)."""
+    h, f, layers = 4096, 11008, 32
+    sharded = replicated = bases = reduced = gathered = 0
+    for m, n in [(h, h)] * 4 + [(f, h)] * 2 + [(h, f)]:
+        if m >= n:
+            sharded += 2 * m * rank * 4
+            bases += rank * n * 4
+        else:
+            replicated += 2 * rank * n * 4
+            bases += m * rank * 4
+            reduced += rank * n * 4
+        gathered += m * n * 4
+    gib = 2**30 / layers
+    out = {"left_all_reduce_per_step": reduced / gib, "refresh_gathered": gathered / gib,
+           "bases": bases / gib, "sharded_moments": sharded / gib,
+           "replicated_moments": replicated / gib}
+    for n_ranks in (1, 2, world):
+        out[f"state_per_rank_{n_ranks}"] = (sharded / n_ranks + replicated + bases) / gib
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
@@ -199,6 +223,9 @@ def main() -> None:
     for r in comm:
         print(f"| {r['mode']} | {r['steady_step_bytes']:,} | {r['refresh_step_bytes']:,} |")
     print(write_csv("benchmarks/results/distributed_comm.csv", comm))
+    print("\nLLaMA-7B, rank 1024, computed from the shapes (GiB):")
+    for key, value in llama_7b_figures().items():
+        print(f"  {key}: {value:.3f}")
 
 
 if __name__ == "__main__":
