@@ -26,12 +26,20 @@ def world_size() -> int:
     return dist.get_world_size()
 
 
-def is_dtensor(t: Any) -> bool:
+def _dtensor_class() -> type | None:
     if not dist.is_available():
-        return False
+        return None
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
+
+
+def is_dtensor(t: Any) -> bool:
+    # Asked for every parameter of every step: the class is looked up once, at import.
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
 @dataclass(frozen=True)

@@ -93,18 +93,26 @@ def _fused_moments(params: Sequence[Tensor], grads: Sequence[Tensor],
                    weight_decay: float, galore: bool, maximize: bool, lr: float = 1.0) -> None:
     """torch's multi-tensor fused AdamW on ``params``, one call per distinct step (galore's
     eps is torch's ``eps / sqrt(1 - b2^t)``, which depends on the step)."""
-    by_step: dict[int, list[int]] = {}
-    for i, step in enumerate(state_steps):
-        by_step.setdefault(step, []).append(i)
     device = grads[0].device
-    for step, index in by_step.items():
+    first = state_steps[0]
+    if all(step == first for step in state_steps):  # the usual case: no grouping to do
+        groups = [(first, None)]
+    else:
+        by_step: dict[int, list[int]] = {}
+        for i, step in enumerate(state_steps):
+            by_step.setdefault(step, []).append(i)
+        groups = list(by_step.items())
+    for step, index in groups:
         eps_t = eps / math.sqrt(1 - beta2**step) if galore else eps
-        steps = [torch.full((), float(step), device=device)] * len(index)
-        torch._fused_adamw_([params[i] for i in index], [grads[i] for i in index],
-                            [exp_avgs[i] for i in index], [exp_avg_sqs[i] for i in index],
-                            [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, eps=eps_t, amsgrad=False,
-                            maximize=maximize)
+        if index is None:
+            p, g, m, v = params, grads, exp_avgs, exp_avg_sqs
+        else:
+            p, g = [params[i] for i in index], [grads[i] for i in index]
+            m, v = [exp_avgs[i] for i in index], [exp_avg_sqs[i] for i in index]
+        steps = [torch.full((), float(step), device=device)] * len(p)
+        torch._fused_adamw_(list(p), list(g), list(m), list(v), [], steps, lr=lr,
+                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps_t,
+                            amsgrad=False, maximize=maximize)
 
 
 def negated_directions(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],

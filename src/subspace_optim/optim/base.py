@@ -280,7 +280,7 @@ class SubspaceOptimizer(Optimizer):
                 f"{type(self).__name__} does not support sparse gradients "
                 f"(parameter of shape {tuple(p.shape)})"
             )
-        if torch.is_complex(grad) or torch.is_complex(p):
+        if grad.dtype.is_complex or p.dtype.is_complex:
             raise RuntimeError(
                 f"{type(self).__name__} does not support complex parameters or gradients "
                 f"(parameter of shape {tuple(p.shape)}, dtype {p.dtype}); "
