@@ -42,12 +42,11 @@ def write_csv(path: str, rows: list[dict]) -> str:
     return f"{info['device']}; commit {info['commit']}; {info['date']}"
 
 
-def interleaved_medians(candidates: dict, rounds: int, seed: int = 0) -> dict[str, float]:
-    """Median seconds of each callable over ``rounds`` rounds, the candidates interleaved in
-    a new random order each round, so that drift and the cache state the previous one left
+def interleaved_times(candidates: dict, rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds of each callable in each of ``rounds`` rounds, the candidates interleaved in a
+    new random order each round, so that drift and the cache state the previous one left
     hit every candidate alike."""
     import random
-    import statistics
     import time
 
     times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -57,4 +56,25 @@ def interleaved_medians(candidates: dict, rounds: int, seed: int = 0) -> dict[st
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(candidates: dict, rounds: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds of each callable over ``rounds`` interleaved rounds."""
+    import statistics
+
+    return {name: statistics.median(t)
+            for name, t in interleaved_times(candidates, rounds, seed).items()}
+
+
+def paired_ratio(times: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``times[i] / baseline[i]``. Both ran in
+    the same round, so a slow stretch of the machine (another tenant, a frequency step)
+    slows both and cancels, which the ratio of two medians does not do."""
+    import statistics
+
+    ratios = [t / b for t, b in zip(times, baseline, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q25, q50, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q50, q25, q75

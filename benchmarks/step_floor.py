@@ -1,10 +1,15 @@
 """The steady GaLore step against its floor: the two matrix products a projected step cannot
 avoid, projecting the gradient (``G B^T`` or ``B^T G``) and back-projecting the update into
-the weight (``W.addmm_(N, B)``), timed on the same tensors in the same run.
+the weight (``W.addmm_(N, B, beta=1 - lr wd)``), timed on the same shapes in the same run.
 
 LLaMA-130M's block shapes (q, k, v, o 768 x 768; gate, up 2048 x 768; down 768 x 2048) at
-rank 256, fp32, a steady step (no refresh). Medians of repetitions interleaved in a shuffled
-order; ratios to the floor and to galore-torch's ``GaLoreAdamW`` step on the same gradients.
+rank 256, fp32, a steady step (no refresh), lr 1e-3. Weight decay is folded into the second
+product's ``beta``; a BLAS applies a ``beta`` other than 1 as a pass over the weight of its
+own (MKL does), so there are two floors: ``beta = 1`` for the step without decay, and the
+step's own ``beta`` for the step with the default decay. Every round runs every candidate
+once, in a new random order; a ratio is the median over rounds of the candidate's time over
+its floor's time in the same round (quartiles beside it), which cancels the slow stretches
+of a shared machine that a ratio of two medians keeps.
 
     python benchmarks/step_floor.py            # the README's figures
     python benchmarks/step_floor.py --smoke    # tiny shapes, a few repetitions (CI)
@@ -13,14 +18,17 @@ order; ratios to the floor and to galore-torch's ``GaLoreAdamW`` step on the sam
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
-from _results import interleaved_medians, write_csv
+from _results import interleaved_times, paired_ratio, write_csv
 
 import subspace_optim as so
 
 BLOCK_130M = [(768, 768)] * 4 + [(2048, 768)] * 2 + [(768, 2048)]
 SMOKE = [(48, 48)] * 4 + [(96, 48)] * 2 + [(48, 96)]
+LR, WEIGHT_DECAY = 1e-3, 1e-2
+FLOOR, DECAY_FLOOR = "two-GEMM floor", "two-GEMM floor, beta = 1 - lr wd"
 
 
 def _params(shapes):
@@ -31,7 +39,7 @@ def _params(shapes):
     return params
 
 
-def _floor(params, rank):
+def _floor(params, rank, beta: float = 1.0, alpha: float = -1e-7):
     """The two GEMMs per matrix, on bases of the step's shapes."""
     gen = torch.Generator().manual_seed(1)
     bases = []
@@ -44,58 +52,86 @@ def _floor(params, rank):
         for p, (right, b) in zip(params, bases, strict=True):
             if right:
                 low = p.grad @ b.T
-                p.data.addmm_(low, b, beta=1.0, alpha=-1e-7)
+                p.data.addmm_(low, b, beta=beta, alpha=alpha)
             else:
                 low = b.T @ p.grad
-                p.data.addmm_(b, low, beta=1.0, alpha=-1e-7)
+                p.data.addmm_(b, low, beta=beta, alpha=alpha)
     return run
 
 
-def _optimizers(shapes, rank):
-    out = {}
-    for impl, flags in (("foreach", {}), ("reference", {"foreach": False}),
-                        ("fused (PyTorch ops)", {"fused": True})):
-        params = _params(shapes)
-        opt = so.GaLoreAdamW([{"params": params, "rank": rank, "update_proj_gap": 10**6}],
-                             lr=1e-7, **flags)
-        opt.step()  # the refresh (SVDs), outside the timing
-        out[f"GaLoreAdamW {impl}"] = opt.step
+def _ours(shapes, rank, weight_decay=WEIGHT_DECAY, **flags):
+    params = _params(shapes)
+    opt = so.GaLoreAdamW([{"params": params, "rank": rank, "update_proj_gap": 10**6}],
+                         lr=LR, weight_decay=weight_decay, **flags)
+    opt.step()  # the refresh (SVDs), outside the timing
+    return opt.step
+
+
+def _galore_torch(shapes, rank):
     try:
         import galore_torch
     except ImportError:
-        return out
+        return None
     params = _params(shapes)
     theirs = galore_torch.GaLoreAdamW([{"params": params, "rank": rank,
                                         "update_proj_gap": 10**6, "scale": 0.25,
-                                        "proj_type": "std"}], lr=1e-7)
+                                        "proj_type": "std"}], lr=LR,
+                                      weight_decay=WEIGHT_DECAY)
     theirs.step()
-    out["galore_torch.GaLoreAdamW"] = theirs.step
-    return out
+    return theirs.step
+
+
+def candidates(shapes, rank: int) -> tuple[dict, dict]:
+    """The timed callables, and the floor each step is measured against."""
+    beta = 1 - LR * WEIGHT_DECAY
+    timed = {FLOOR: _floor(_params(shapes), rank),
+             DECAY_FLOOR: _floor(_params(shapes), rank, beta=beta),
+             "GaLoreAdamW foreach, weight_decay 0": _ours(shapes, rank, weight_decay=0.0),
+             "GaLoreAdamW foreach": _ours(shapes, rank),
+             "GaLoreAdamW reference": _ours(shapes, rank, foreach=False),
+             "GaLoreAdamW fused (PyTorch ops)": _ours(shapes, rank, fused=True)}
+    theirs = _galore_torch(shapes, rank)
+    if theirs is not None:
+        timed["galore_torch.GaLoreAdamW"] = theirs
+    floors = {name: FLOOR if name in (FLOOR, "GaLoreAdamW foreach, weight_decay 0")
+              else DECAY_FLOOR for name in timed}
+    return timed, floors
 
 
 def measure(shapes, rank: int, repeats: int) -> list[dict]:
-    candidates = {"two-GEMM floor": _floor(_params(shapes), rank), **_optimizers(shapes, rank)}
-    medians = interleaved_medians(candidates, repeats)
-    floor = medians["two-GEMM floor"]
-    peer = medians.get("galore_torch.GaLoreAdamW")
-    return [{"step": name, "median_ms": round(m * 1e3, 3), "vs_floor": round(m / floor, 3),
-             "vs_galore_torch": round(m / peer, 3) if peer else "",
-             "rank": rank, "shapes": "LLaMA-130M block" if shapes is BLOCK_130M else "smoke",
-             "repeats": repeats} for name, m in medians.items()]
+    timed, floors = candidates(shapes, rank)
+    for fn in timed.values():  # warm: first-touch allocations, BLAS buffers
+        fn()
+    times = interleaved_times(timed, repeats)
+    peer = times.get("galore_torch.GaLoreAdamW")
+    rows = []
+    for name, t in times.items():
+        ratio, q25, q75 = paired_ratio(t, times[floors[name]])
+        rows.append({
+            "step": name, "median_ms": round(statistics.median(t) * 1e3, 3),
+            "floor": floors[name], "vs_floor": round(ratio, 3),
+            "vs_floor_q25": round(q25, 3), "vs_floor_q75": round(q75, 3),
+            "vs_beta1_floor": round(paired_ratio(t, times[FLOOR])[0], 3),
+            "vs_galore_torch": round(paired_ratio(t, peer)[0], 3) if peer else "",
+            "rank": rank, "shapes": "LLaMA-130M block" if shapes is BLOCK_130M else "smoke",
+            "lr": LR, "repeats": repeats})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 3 repetitions")
-    parser.add_argument("--repeats", type=int, default=31)
+    parser.add_argument("--repeats", type=int, default=151)
     parser.add_argument("--out", default="benchmarks/results/step_floor.csv")
     args = parser.parse_args()
     shapes, rank, repeats = (SMOKE, 16, 3) if args.smoke else (BLOCK_130M, 256, args.repeats)
     rows = measure(shapes, rank, repeats)
     where = write_csv(args.out, rows)
-    print("| step | median (ms) | / two-GEMM floor | / galore-torch |\n|---|---|---|---|")
+    print("| step | median (ms) | / its floor (quartiles) | / beta = 1 floor | / galore-torch |"
+          "\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['step']} | {r['median_ms']} | {r['vs_floor']} | {r['vs_galore_torch']} |")
+        print(f"| {r['step']} | {r['median_ms']} | {r['vs_floor']} ({r['vs_floor_q25']}-"
+              f"{r['vs_floor_q75']}) | {r['vs_beta1_floor']} | {r['vs_galore_torch']} |")
     print(f"\n{where}")
 
 
