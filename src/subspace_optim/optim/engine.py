@@ -138,7 +138,7 @@ def project_deferred(items: list[Item], group: dict) -> None:
     """The projections :func:`prepare` left to do (``defer``), back to back. Interleaved
     with the host-side bookkeeping of the next parameter, each GEMM left the caches cold for
     that Python; run after all of it, the LLaMA-130M block's steady step took 1.3% less
-    time (benchmarks/step_floor.py's shapes)."""
+    time in a 151-round paired measurement on benchmarks/step_floor.py's shapes."""
     for item in items:
         if item.low is None:
             projector = item.projector or get_projector(group["projector"])
@@ -155,8 +155,11 @@ def load_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None
             for name, (shape, signed) in specs.items():
                 moments.init_moment(state, name, shape, item.low, bits, signed)
         if bits is None:  # stored in the gradient's dtype: the rule updates them in place
-            item.moments = {name: state[name] for name in specs}
-            if all(m.dtype != torch.uint8 for m in item.moments.values()):
+            item.moments = loaded = {name: state[name] for name in specs}
+            for m in loaded.values():
+                if m.dtype == torch.uint8:  # codes left by an 8-bit group: decode below
+                    break
+            else:
                 continue
         item.moments = {name: moments.load_moment(state, name, bits, signed)
                         for name, (_, signed) in specs.items()}
@@ -168,8 +171,12 @@ def load_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None
 def store_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:
     bits = group["state_bits"]
     for item in items:
+        state = item.state
         for name, (_, signed) in item.specs.items():
-            moments.store_moment(item.state, name, item.moments[name], bits, signed)
+            value = item.moments[name]
+            if bits is None and state[name] is value:  # updated in place: nothing to store
+                continue
+            moments.store_moment(state, name, value, bits, signed)
 
 
 def finish(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:
