@@ -11,7 +11,7 @@ once, in a new random order; a ratio is the median over rounds of the candidate'
 its floor's time in the same round (quartiles beside it), which cancels the slow stretches
 of a shared machine that a ratio of two medians keeps.
 
-    python benchmarks/step_floor.py            # the README's figures
+    python benchmarks/step_floor.py            # the README's figures, and where the time goes
     python benchmarks/step_floor.py --smoke    # tiny shapes, a few repetitions (CI)
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 from _results import interleaved_times, paired_ratio, write_csv
@@ -121,20 +122,59 @@ def measure(shapes, rank: int, repeats: int) -> list[dict]:
     return rows
 
 
+def breakdown(shapes, rank: int, steps: int) -> list[dict]:
+    """Where the default foreach step's time goes, from torch's profiler over ``steps``
+    steady steps (means per step): the two GEMMs, the fused moment update, the other tensor
+    ops, and the rest of the step's time, which is host-side Python (and the profiler's
+    own few microseconds per op: at the smoke shapes that is most of it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = _ours(shapes, rank)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    parts = {"projection and back-projection GEMMs": 0.0, "fused moment update": 0.0,
+             "other tensor ops": 0.0}
+    total = 0.0
+    for event in prof.key_averages():
+        if event.key.startswith("Optimizer.step#"):
+            total += event.cpu_time_total
+        elif event.key in ("aten::mm", "aten::addmm_"):
+            parts["projection and back-projection GEMMs"] += event.self_cpu_time_total
+        elif event.key == "aten::_fused_adamw_":
+            parts["fused moment update"] += event.self_cpu_time_total
+        elif event.key.startswith("aten::"):
+            parts["other tensor ops"] += event.self_cpu_time_total
+    parts["host-side Python (the rest)"] = total - sum(parts.values())
+    return [{"component": name, "ms_per_step": round(us / steps / 1e3, 3),
+             "share_of_step": round(us / total, 4), "steps": steps}
+            for name, us in parts.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 3 repetitions")
     parser.add_argument("--repeats", type=int, default=151)
     parser.add_argument("--out", default="benchmarks/results/step_floor.csv")
+    parser.add_argument("--breakdown-out", default=None,
+                        help="default: beside --out, as <name>_breakdown.csv")
     args = parser.parse_args()
     shapes, rank, repeats = (SMOKE, 16, 3) if args.smoke else (BLOCK_130M, 256, args.repeats)
     rows = measure(shapes, rank, repeats)
     where = write_csv(args.out, rows)
+    parts = breakdown(shapes, rank, 3 if args.smoke else 31)
+    out = Path(args.out)
+    write_csv(args.breakdown_out or str(out.with_name(f"{out.stem}_breakdown.csv")), parts)
     print("| step | median (ms) | / its floor (quartiles) | / beta = 1 floor | / galore-torch |"
           "\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['step']} | {r['median_ms']} | {r['vs_floor']} ({r['vs_floor_q25']}-"
               f"{r['vs_floor_q75']}) | {r['vs_beta1_floor']} | {r['vs_galore_torch']} |")
+    print("\n| GaLoreAdamW foreach, where the step's time goes | ms / step | share |"
+          "\n|---|---|---|")
+    for r in parts:
+        print(f"| {r['component']} | {r['ms_per_step']} | {r['share_of_step']:.1%} |")
     print(f"\n{where}")
 
 

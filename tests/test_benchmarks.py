@@ -25,6 +25,23 @@ def test_smoke_run_writes_its_csv(script, column, first_row, tmp_path):
     assert all(row["device"] and row["commit"] and row["date"] for row in rows)
 
 
+def test_the_floor_benchmark_accounts_for_the_whole_step(tmp_path):
+    out = tmp_path / "floor.csv"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_floor.py"),
+                             "--smoke", "--out", str(out)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["step"]: r for r in csv.DictReader(out.open())}
+    # Every step is measured against a floor that ran in the same rounds.
+    assert rows["GaLoreAdamW foreach"]["floor"] == "two-GEMM floor"
+    assert float(rows["two-GEMM floor"]["vs_floor"]) == 1.0
+    parts = list(csv.DictReader((tmp_path / "floor_breakdown.csv").open()))
+    shares = {r["component"]: float(r["share_of_step"]) for r in parts}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert shares["projection and back-projection GEMMs"] > 0
+    assert shares["fused moment update"] > 0
+
+
 def test_the_kernel_benchmark_times_every_kernel_and_the_whole_step(tmp_path):
     pytest.importorskip("triton")
     pytest.importorskip("bitsandbytes")

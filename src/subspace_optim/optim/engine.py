@@ -3,9 +3,10 @@
 ``step()`` walks each param group once and turns every parameter with a gradient (or a
 finished accumulation window) into an :class:`Item`: its target, the matrix to update,
 and, for a projected parameter, the projector's basis of this step and the projected
-gradient (after a refresh when one is due). Items are bucketed by (projected, device,
-dtypes) and each bucket goes to the optimizer's rule in one call of the functional API
-(``subspace_optim.functional``) with the group's implementation: ``reference``,
+gradient (after a refresh when one is due; in a steady step the projections run together
+once every item is gathered, see :func:`project_deferred`). Items are bucketed by
+(projected, device, dtypes) and each bucket goes to the optimizer's rule in one call of the
+functional API (``subspace_optim.functional``) with the group's implementation: ``reference``,
 ``foreach`` or ``fused``. The moments are loaded before and stored after at the group's
 state precision (``optim.moments``). Last, each item is finished: the projector's
 ``after_update`` (OSD's basis step), the copy back of a non-contiguous weight, the
