@@ -40,7 +40,7 @@ def _params(shapes):
     return params
 
 
-def _floor(params, rank, beta: float = 1.0, alpha: float = -1e-7):
+def _floor(params, rank, beta: float = 1.0):
     """The two GEMMs per matrix, on bases of the step's shapes."""
     gen = torch.Generator().manual_seed(1)
     bases = []
@@ -53,10 +53,10 @@ def _floor(params, rank, beta: float = 1.0, alpha: float = -1e-7):
         for p, (right, b) in zip(params, bases, strict=True):
             if right:
                 low = p.grad @ b.T
-                p.data.addmm_(low, b, beta=beta, alpha=alpha)
+                p.data.addmm_(low, b, beta=beta, alpha=-1e-7)
             else:
                 low = b.T @ p.grad
-                p.data.addmm_(b, low, beta=beta, alpha=alpha)
+                p.data.addmm_(b, low, beta=beta, alpha=-1e-7)
     return run
 
 
