@@ -167,6 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=None,
+                        help="CSV to write (default benchmarks/results/peers.csv; a smoke run "
+                             "writes only with --out)")
     args = parser.parse_args()
     blocks, rounds = (SMOKE, 2) if args.smoke else (BLOCKS, args.rounds)
     rows = []
@@ -179,8 +182,8 @@ def main() -> None:
         print(f"| {r['block']} | {r['optimizer']} | {mib} | {r['median_ms']} | "
               f"{r['vs_torch_adamw']} | {r['vs_galore_torch']} | {r['vs_two_gemm_floor']} | "
               f"{r['note']}")
-    if not args.smoke:
-        print(write_csv("benchmarks/results/peers.csv", rows))
+    if args.out or not args.smoke:
+        print(write_csv(args.out or "benchmarks/results/peers.csv", rows))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ GPU_CASES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=None,
+                        help="CSV of a full run (default benchmarks/results/planner_<device>"
+                             ".csv; a smoke run writes only with --out)")
     args = parser.parse_args()
     cases = {"tiny": []} if args.smoke else dict(CPU_CASES)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,8 +66,8 @@ def main() -> None:
         print(f"| {name} | {r['predicted_state_bytes'] / 2**20:.2f} | "
               f"{r['measured_state_bytes'] / 2**20:.2f} | {r['predicted_peak_bytes'] / 2**20:.1f} "
               f"| {r['measured_peak_bytes'] / 2**20:.1f} | {r['peak_ratio']} |", flush=True)
-    if not args.smoke:
-        print(write_csv(f"benchmarks/results/planner_{device}.csv", rows))
+    if args.out or not args.smoke:
+        print(write_csv(args.out or f"benchmarks/results/planner_{device}.csv", rows))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import triton.language as tl
 from subspace_optim import ops
 
 from . import gemm
-from ._common import cast_out, gaussian, key32
+from ._common import cast_out, gaussian, key32, offsets
 
 
 @ops.register_triton("flora_project")
@@ -49,10 +49,10 @@ def flora_project_back_(weight, low, seed, right, alpha, beta):
                     update=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])
 def _flora_matrix_kernel(out_ptr, n, key, sqrt_rank, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    z = gaussian(key.to(tl.uint32), offs.to(tl.int64)) / sqrt_rank
+    offs = offsets(tl.program_id(0), BLOCK)
+    z = gaussian(key.to(tl.uint32), offs) / sqrt_rank
     tl.store(out_ptr + offs, cast_out(z, out_ptr.dtype.element_ty), mask=offs < n)
 
 

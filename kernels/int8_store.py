@@ -19,12 +19,12 @@ from subspace_optim.quant.groupwise import MIN_RANGE
 from ._common import hash_bits, key32, to_uniform
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])
 def _sr_kernel(w_ptr, codes_ptr, scales_ptr, zeros_ptr, n, group, key, min_range,
                BLOCK: tl.constexpr):
-    g = tl.program_id(0)
+    g = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK)
-    flat = g.to(tl.int64) * group + idx
+    flat = g * group + idx
     inside = (idx < group) & (flat < n)
     w = tl.load(w_ptr + flat, mask=inside, other=0.0).to(tl.float32)
     lo = tl.minimum(tl.min(tl.where(idx < group, w, 0.0), axis=0), 0.0)
