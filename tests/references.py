@@ -121,19 +121,37 @@ def distill(model, teacher, opt, steps: int, batch: int, dim: int, seed: int = 1
     return losses
 
 
-def gradient_stream(shape: tuple[int, ...], steps: int, seed: int) -> list[Tensor]:
+def portable_randn(*shape: int, generator: torch.Generator,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """Draws of mean 0 and variance 1 that are the same numbers on every CPU: the sum of
+    12 uniforms minus 6 (Irwin-Hall). torch.randn's vectorised Box-Muller is not portable
+    (its log and cos round differently with and without AVX: ATEN_CPU_CAPABILITY=default
+    moves its draws by 1e-6); torch.rand's float32 uniforms are, and their sum, 24-bit
+    numbers in float64, is exact in any order."""
+    u = torch.rand(*shape, 12, generator=generator, dtype=torch.float32)
+    return (u.double().sum(-1) - 6).to(dtype)
+
+
+def gradient_stream(shape: tuple[int, ...], steps: int, seed: int,
+                    dtype: torch.dtype = torch.float32) -> list[Tensor]:
     """Gradients with a slowly drifting dominant low-rank part plus noise, like a real
-    layer's, so that the top singular subspace is well separated and changes over time."""
+    layer's, so that the top singular subspace is well separated and changes over time.
+    The draws are the same numbers on any CPU and in any ``dtype`` (``portable_randn``);
+    the arithmetic is in ``dtype``."""
     gen = torch.Generator().manual_seed(seed)
     m = shape[0]
     n = math.prod(shape[1:])
     k = max(1, min(m, n) // 2)
-    a = torch.randn(m, k, generator=gen)
-    b = torch.randn(k, n, generator=gen)
+
+    def draw(*size):
+        return portable_randn(*size, generator=gen, dtype=dtype)
+
+    a = draw(m, k)
+    b = draw(k, n)
     out = []
     for _ in range(steps):
-        a = a + 0.05 * torch.randn(m, k, generator=gen)
-        g = a @ b / math.sqrt(k) + 0.1 * torch.randn(m, n, generator=gen)
+        a = a + 0.05 * draw(m, k)
+        g = a @ b / math.sqrt(k) + 0.1 * draw(m, n)
         out.append(g.reshape(shape))
     return out
 

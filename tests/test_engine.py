@@ -21,15 +21,24 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(golden.scenarios()))
-def test_foreach_is_within_1e_6_of_the_reference_over_50_steps(name):
+def test_foreach_agrees_with_the_reference_over_50_steps(name):
     """Every scenario of the golden record (each optimizer, each projector variant, each
-    state precision; refreshes every 5 steps), fp32. Measured: at most 2.4e-7."""
+    state precision; refreshes every 5 steps), in float64: the two paths round in another
+    order (foreach kernels, other vectorisation), so they agree within float64 rounding as
+    the dynamics amplify it, bounded as the golden record's (tests/golden.py: in fp32 this
+    comparison measured up to 6.7e-6 of the weights' scale on one CPU, 2**-24 amplified
+    about 110x, and the bound leaves four orders of magnitude above the same amplification
+    of 2**-53; a scenario that computes part of its step in float32 by design has the
+    golden record's float32 bound)."""
     spec = golden.scenarios()[name]
     if spec["bits"] == 8:
         pytest.importorskip("bitsandbytes")
-    reference, _ = golden.run(spec, steps=50, foreach=False)
+    reference, opt = golden.run(spec, steps=50, foreach=False)
     foreach, _ = golden.run(spec, steps=50)
-    assert _max_diff(reference, foreach) <= 1e-6
+    tolerance = (golden.TOLERANCE if golden.precision(spec, opt) == "float64"
+                 else golden.TOLERANCE_FP32)
+    scale = max(p.abs().max().item() for p in reference.values())
+    assert _max_diff(reference, foreach) <= tolerance * scale
     start, _ = golden.run(spec, steps=0)
     assert _max_diff(reference, start) > 1e-3  # the weights did move
 
@@ -42,8 +51,12 @@ def test_fused_with_the_pytorch_kernels_is_the_reference_bit_for_bit(name, monke
     if spec["bits"] == 8:
         pytest.importorskip("bitsandbytes")
     monkeypatch.setenv("SUBSPACE_OPTIM_KERNELS", "torch")
-    fused = golden.fingerprint(*golden.run(spec, fused=True))
-    assert fused == golden.fingerprint(*golden.run(spec, foreach=False))
+    for dtype in (torch.float32, torch.float64):
+        fused = golden.run(spec, fused=True, dtype=dtype)
+        reference = golden.run(spec, foreach=False, dtype=dtype)
+        for (a, x), (b, y) in zip(golden._tensors(*fused), golden._tensors(*reference),
+                                  strict=True):
+            assert a == b and torch.equal(x, y), a
 
 
 # --------------------------------------------------------------------------- torch's forloop test

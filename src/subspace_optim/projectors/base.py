@@ -94,6 +94,13 @@ def projected_shape(shape: tuple[int, int], rank: int, side: Side) -> tuple[int,
     return (m, rank) if side == Side.RIGHT else (rank, n)
 
 
+def working_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a projector computes in for ``t``: float64 stays float64 (a float64 run is
+    a numerical check, which a float32 SVD would blur), every other floating dtype works in
+    float32 (there is no bf16 SVD, and fp16 sums overflow)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def index_dtype(size: int) -> torch.dtype:
     """Smallest signed integer dtype that holds indices below ``size`` (int16 up to 32767,
     which covers every hidden size in use; int32 beyond)."""

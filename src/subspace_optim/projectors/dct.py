@@ -30,7 +30,15 @@ import torch
 from torch import Tensor
 
 from .._validate import check_bool, check_choice
-from .base import KEEP, REPROJECT, MatrixProjector, Side, index_dtype, register_projector
+from .base import (
+    KEEP,
+    REPROJECT,
+    MatrixProjector,
+    Side,
+    index_dtype,
+    register_projector,
+    working_dtype,
+)
 
 SIM_TYPES = ("matmul", "makhoul")
 
@@ -66,9 +74,10 @@ def dct2_makhoul(x: Tensor) -> Tensor:
     the same length: ``X_k = 2 Re(exp(-i pi k / 2N) FFT(v)_k)``, then orthonormal scaling.
     """
     n = x.shape[-1]
-    v = torch.cat((x[..., ::2], x[..., 1::2].flip(-1)), dim=-1).float()
+    work = working_dtype(x)
+    v = torch.cat((x[..., ::2], x[..., 1::2].flip(-1)), dim=-1).to(work)
     spectrum = torch.fft.fft(v, dim=-1)
-    k = torch.arange(n, device=x.device, dtype=torch.float32)
+    k = torch.arange(n, device=x.device, dtype=work)
     twiddle = torch.polar(torch.ones_like(k), -math.pi * k / (2 * n))
     out = 2 * (spectrum * twiddle).real
     out[..., 0] *= math.sqrt(1 / (4 * n))
@@ -96,7 +105,7 @@ class DCTProjector(MatrixProjector):
         scores_of = transformed(grad, side, group["sim_type"])
         dim = 0 if side == "right" else 1
         scores = scores_of.abs().sum(dim=dim)
-        indices = torch.topk(scores.float(), group["rank"]).indices.sort().values
+        indices = torch.topk(scores.to(working_dtype(scores)), group["rank"]).indices.sort().values
         state["proj_indices"] = indices.to(index_dtype(scores.numel()))
         return scores_of.index_select(1 - dim, indices)
 

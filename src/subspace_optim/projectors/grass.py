@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import ops
 from .._validate import check_choice, check_seed
-from .base import RESET, Projector, Side, index_dtype, register_projector
+from .base import RESET, Projector, Side, index_dtype, register_projector, working_dtype
 from .sampling import inclusion_probabilities, systematic_sample
 from .seeds import next_seed, seed_tensor
 
@@ -88,7 +88,7 @@ class GrassProjector(Projector):
     def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
         seed = next_seed(int(state["proj_seed"]))
         state["proj_seed"] = seed_tensor(seed)
-        norms_sq = grad.float().pow(2).sum(dim=1 if side == "left" else 0)
+        norms_sq = grad.to(working_dtype(grad)).pow(2).sum(dim=1 if side == "left" else 0)
         if grad.is_meta:
             # The memory planner (meta tensors): a selection of the right shapes and dtypes,
             # made on the host from a stand-in vector of norms.

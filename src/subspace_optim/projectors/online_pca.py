@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_number
 from ..rules.adamw import adamw_update
-from .base import MatrixProjector, Side, register_projector
+from .base import MatrixProjector, Side, register_projector, working_dtype
 from .svd import refreshed_basis
 
 VARIANTS = ("code", "paper")
@@ -85,10 +85,12 @@ class OnlinePCAProjector(MatrixProjector):
         if basis is None:
             return None
         state["proj_basis"] = basis.to(grad.dtype)
-        # P's own AdamW moments stay float32 whatever the weight's dtype: in fp16 the
-        # squared loss gradient underflows and eps 1e-8 rounds to 0, and P turns NaN.
-        state["proj_exp_avg"] = torch.zeros_like(state["proj_basis"], dtype=torch.float32)
-        state["proj_exp_avg_sq"] = torch.zeros_like(state["proj_basis"], dtype=torch.float32)
+        # P's own AdamW moments stay float32 whatever the weight's dtype (float64 in a
+        # float64 run): in fp16 the squared loss gradient underflows and eps 1e-8 rounds to
+        # 0, and P turns NaN.
+        work = working_dtype(grad)
+        state["proj_exp_avg"] = torch.zeros_like(state["proj_basis"], dtype=work)
+        state["proj_exp_avg_sq"] = torch.zeros_like(state["proj_basis"], dtype=work)
         state["proj_steps"] = 0
         return None
 
@@ -100,11 +102,13 @@ class OnlinePCAProjector(MatrixProjector):
         if refreshed:  # the reference takes no basis step on the SVD step
             return
         stored = state["proj_basis"]
-        # The basis step is computed in float32 and the basis stored back in its own dtype
-        # (the gradient's, as the reference keeps it); for fp32 weights this is in place.
-        p = stored.float()
-        tiny = torch.finfo(torch.float32).tiny
-        g = grad.float()
+        # The basis step is computed in float32 (float64 in a float64 run) and the basis
+        # stored back in its own dtype (the gradient's, as the reference keeps it); for fp32
+        # weights this is in place.
+        work = state["proj_exp_avg"].dtype
+        p = stored.to(work)
+        tiny = torch.finfo(work).tiny
+        g = grad.to(work)
         a = g / g.norm().clamp(min=tiny)
         grad_p = pca_loss_grad(p, a, side)
         if group["osd_variant"] == "paper":

@@ -38,7 +38,7 @@ from .. import ops
 from .._validate import check_bool, check_choice, check_number, check_positive_int
 from ..ops.int4 import dequantized_basis
 from ..quant import quantize_groupwise
-from .base import Projector, Side, register_projector
+from .base import Projector, Side, register_projector, working_dtype
 from .svd import refreshed_basis
 
 
@@ -104,7 +104,8 @@ class QGaLoreProjector(Projector):
 
     @staticmethod
     def _observe(state: dict, old: Tensor, new: Tensor, group: dict) -> None:
-        cos = F.cosine_similarity(old.float(), new.float(), dim=0)
+        work = working_dtype(new)
+        cos = F.cosine_similarity(old.to(work), new.to(work), dim=0)
         if group["cos_abs"]:
             cos = cos.abs()
         queue, length = state["proj_queue"], int(state["proj_queue_len"])

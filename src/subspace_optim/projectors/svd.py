@@ -4,7 +4,8 @@ Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Project
 ICML 2024, https://arxiv.org/abs/2403.03507; reference code jiaweizzhao/GaLore.
 
 At steps 0, T, 2T, ... (T = ``update_proj_gap``) the gradient's SVD is taken in fp32
-whatever the parameter's dtype (there is no bf16 SVD on CUDA, pytorch#98308), truncated to
+whatever the parameter's dtype (there is no bf16 SVD on CUDA, pytorch#98308; float64
+gradients in float64), truncated to
 ``rank`` and stored, like the reference, in the gradient's dtype: ``Vh[:r]`` (``r x n``) on
 the right side, ``U[:, :r]`` (``m x r``) on the left. The moments are kept across refreshes.
 """
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._warn import warn_once
-from .base import MatrixProjector, Side, register_projector
+from .base import MatrixProjector, Side, register_projector, working_dtype
 
 
 def top_singular_basis(grad: Tensor, rank: int, side: Side) -> Tensor | None:
@@ -29,7 +30,7 @@ def top_singular_basis(grad: Tensor, rank: int, side: Side) -> Tensor | None:
         # Shape and dtype only: the memory planner builds the state on meta tensors.
         m, n = grad.shape
         return grad.new_empty((rank, n) if side == "right" else (m, rank), dtype=torch.float32)
-    for dtype in (torch.float32, torch.float64):
+    for dtype in dict.fromkeys((working_dtype(grad), torch.float64)):
         try:
             u, _, vh = torch.linalg.svd(grad.to(dtype), full_matrices=False)
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
