@@ -32,7 +32,8 @@ rounding (6e-8 relative), the smallest change of arithmetic worth recording. A s
 that computes part of its step in float32 by design (moments stored in float32, bf16 or 8
 bits; Adafactor's float32 statistics; Flora's float32 Box-Muller basis, shared with its
 kernel; Q-GaLore's float32 group scales) moves by float32 rounding instead:
-``TOLERANCE_FP32`` = 1e-5 covers 2**-24 amplified 110x (6.6e-6), and still sees every element of a tensor moved by a few hundred fp32 roundings.
+``TOLERANCE_FP32`` = 1e-5 covers 2**-24 amplified 110x (6.6e-6), and still sees every
+element of a tensor moved by a few hundred fp32 roundings.
 """
 
 from __future__ import annotations
