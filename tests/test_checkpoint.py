@@ -57,7 +57,6 @@ def test_load_keeps_every_state_dtype(tmp_path):
     """torch's loader would cast these to the parameter's bf16; ours keeps them."""
     opt, w, b = _trained_optimizer(torch.bfloat16)
     state = opt.state[w]
-    state["proj_basis"] = state["proj_basis"].float()  # an fp32 basis of a bf16 weight
     state["proj_codes"] = torch.arange(10, dtype=torch.uint8)
     state["proj_seed"] = torch.tensor(2**62 + 1, dtype=torch.int64)
     saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
@@ -85,6 +84,20 @@ def test_plain_torch_loader_would_have_cast(tmp_path):
     sd["state"][0]["proj_codes"] = torch.arange(4, dtype=torch.uint8)
     opt.load_state_dict(sd)
     assert opt.state[w]["proj_codes"].dtype == torch.bfloat16
+
+
+def test_a_state_dict_of_another_precision_is_refused_with_the_reason():
+    """An fp32 checkpoint into a bf16 model: the moments (state_bits=None) and the basis
+    are kept in the parameter's dtype, so the first step failed on mixed dtypes (issue 19,
+    point 3). Refused at load; state_bits=32 moments load into either."""
+    opt32, _, _ = _trained_optimizer(torch.float32)
+    fresh, w, _ = _trained_optimizer(torch.bfloat16)
+    before = {k: v.clone() for k, v in fresh.state[w].items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match=r"'exp_avg' is torch.float32 where the parameter is "
+                                         r"torch.bfloat16.*saved from a model of another"):
+        fresh.load_state_dict(opt32.state_dict())
+    for key, value in before.items():  # left as it was
+        assert torch.equal(fresh.state[w][key], value)
 
 
 def test_loaded_optimizer_continues_identically():

@@ -81,10 +81,15 @@ def _reference(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, proj
                         lr * weight_decay, decay_after=galore)
 
 
-def _fused_kernel_applies(tensors: Sequence[Tensor], correct_bias: bool) -> bool:
+def _fused_kernel_applies(tensors: Sequence[Tensor], correct_bias: bool,
+                          *others: Sequence[Tensor]) -> bool:
+    """Whether ``torch._fused_adamw_`` may take these tensors: it walks memory in order,
+    so every one of them must be contiguous (on the CPU it silently skips the update of a
+    strided parameter, as torch's own ``AdamW(fused=True)`` does)."""
     device = tensors[0].device
     return (correct_bias and device.type in ("cpu", "cuda")
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling()
+            and all(t.is_contiguous() for group in (tensors, *others) for t in group))
 
 
 def _fused_moments(params: Sequence[Tensor], grads: Sequence[Tensor],
@@ -126,7 +131,7 @@ def negated_directions(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
     and weight decay 1, so that ``p - lr wd p - lr u = -u`` exactly: it reads the gradient
     before writing the same element, and no buffer is allocated or zeroed (a test checks
     the result equals the one with a separate zero buffer, bit for bit)."""
-    if _fused_kernel_applies(grads, correct_bias):
+    if _fused_kernel_applies(grads, correct_bias, exp_avgs, exp_avg_sqs):
         if overwrite:
             dirs, decay = list(grads), 1.0
         else:  # zero buffers for the kernel's "parameters", in one op for the whole bucket
@@ -159,7 +164,7 @@ def _foreach(params, grads, bases, exp_avgs, exp_avg_sqs, state_steps, *, projec
              lr, beta1, beta2, eps, weight_decay, scale, correct_bias, galore, maximize):
     same_dtype = all(w.dtype == g.dtype for w, g in zip(params, grads, strict=True))
     if bases[0] is None and same_dtype and not isinstance(lr, Tensor) and \
-            _fused_kernel_applies(grads, correct_bias):
+            _fused_kernel_applies(grads, correct_bias, params, exp_avgs, exp_avg_sqs):
         # Full rank: torch's own fused AdamW updates the weights in place (decay before the
         # update; galore's order decays after it, with the same numbers).
         decay = lr * weight_decay

@@ -36,10 +36,46 @@ from .._validate import check_lr
 from ..distributed import fsdp
 from ..distributed import state as dist_state
 from ..distributed.sharding import is_dtensor
-from ..projectors.base import get_projector, matrix_shape, projected_shape, resolve_side
+from ..projectors.base import (
+    get_projector,
+    matrix_shape,
+    projected_shape,
+    registered_group_keys,
+    registered_projectors,
+    resolve_side,
+)
 from . import accumulation, checkpoint, engine
 from .groups import check_group_keys, prepare_projected_group, validate_common
 from .targets import target_of
+
+
+_ABSENT = "<absent>"
+# Group keys that shape a parameter's state: changing one re-creates it. A projector adds
+# its own (``Projector.state_layout_keys``: Q-GaLore's code width, group and queue size).
+_STATE_LAYOUT_KEYS = frozenset({"rank", "projector", "proj_type", "state_bits"})
+_WATCHED: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _watched_keys() -> tuple[str, ...]:
+    """The group keys watched for changes: the projection's and the state precision (not
+    lr or betas, which schedulers change every step), for the projectors registered now."""
+    projectors = registered_projectors()
+    keys = _WATCHED.get(projectors)
+    if keys is None:
+        keys = _WATCHED[projectors] = tuple(sorted(registered_group_keys()
+                                                   | _STATE_LAYOUT_KEYS))
+    return keys
+
+
+def _state_layout_keys(group: dict) -> frozenset[str]:
+    name = group.get("projector")
+    if name in registered_projectors():
+        return _STATE_LAYOUT_KEYS | get_projector(name).state_layout_keys
+    return _STATE_LAYOUT_KEYS
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
 
 
 class SubspaceOptimizer(Optimizer):
@@ -89,6 +125,8 @@ class SubspaceOptimizer(Optimizer):
         # Global-clipping reference of layer-wise mode, loaded before a stepper exists.
         self._pending_clip_norm = None
         self._nonfinite_skips = 0
+        # The projection keys each group held when last checked (``_check_group_keys``).
+        self._group_keys: dict[int, tuple] = {}
         defaults = {**defaults, "foreach": foreach, "fused": fused, "maximize": maximize}
         defaults.setdefault("skip_nonfinite", False)
         # Hyperparameters are checked before the parameters, as torch's optimizers do, so
@@ -124,6 +162,7 @@ class SubspaceOptimizer(Optimizer):
         self.__dict__.setdefault("_backward_stepper", None)
         self.__dict__.setdefault("_pending_clip_norm", None)
         self.__dict__.setdefault("_nonfinite_skips", 0)
+        self.__dict__["_group_keys"] = {}  # groups may be new dicts: taken afresh
         for key, value in (("skip_nonfinite", False), ("foreach", None), ("fused", None),
                            ("maximize", False)):
             self.defaults.setdefault(key, value)
@@ -178,12 +217,52 @@ class SubspaceOptimizer(Optimizer):
             return "fused"
         return "reference" if group.get("foreach") is False else "foreach"
 
+    # ------------------------------------------------------------------ group keys changed
+    def check_group_changes(self, group: dict) -> None:
+        """Take a change of ``group``'s projection keys since the last step into account:
+        a bad value is a ``ValueError`` naming the key (the state is left as it was); a key
+        that shapes the state (``rank``, ``projector``, ``proj_type``, ``state_bits``, a
+        projector's layout keys) re-creates its parameters' state at this step, with a
+        warning; the others (``update_proj_gap``, ``scale``, ...) take effect as they are."""
+        keys = _watched_keys()
+        current = tuple(group.get(k, _ABSENT) for k in keys)
+        seen = self._group_keys.get(id(group))
+        if seen is None or seen[0] is not group:
+            self._group_keys[id(group)] = (group, current)
+            return
+        if seen[1] == current:
+            return
+        try:
+            self.check_group(group)  # also fills in defaults of keys that were removed
+        except (ValueError, RuntimeError) as error:
+            names = ", ".join(repr(k) for k, a, b in zip(keys, seen[1], current, strict=True)
+                              if a != b)
+            raise type(error)(f"param group {self.param_groups.index(group)}: {names} changed "
+                              f"since the last step and is now refused: {error}") from None
+        current = tuple(group.get(k, _ABSENT) for k in keys)
+        changed = [(k, a, b) for k, a, b in zip(keys, seen[1], current, strict=True) if a != b]
+        layout = _state_layout_keys(group) | _state_layout_keys(
+            {"projector": dict(zip(keys, seen[1], strict=True)).get("projector")})
+        resetting = [(k, a, b) for k, a, b in changed if k in layout]
+        if resetting:
+            for p in group["params"]:
+                self.state.pop(p, None)
+            said = "; ".join(f"{k!r} {_shown(a)} -> {_shown(b)}" for k, a, b in resetting)
+            warnings.warn(
+                f"{type(self).__name__}: param group {self.param_groups.index(group)} changed "
+                f"{said} since the last step: the optimizer state of its "
+                f"{len(group['params'])} parameters (moments, subspace, step count) is created "
+                "anew at this step.", UserWarning, stacklevel=4)
+        self._group_keys[id(group)] = (group, current)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            self.check_group_changes(group)
         if self._backward_stepper is not None:
             # Parameters were updated inside backward; this call only closes the step.
             self._backward_stepper.close_step()
@@ -234,6 +313,7 @@ class SubspaceOptimizer(Optimizer):
         accumulated projected gradient ``window`` (see :meth:`take_window`; ``grad`` is then
         the window's last micro-batch, or ``None``). What updates in backward call."""
         group = group if group is not None else self.group_of(p)
+        self.check_group_changes(group)
         if grad is None and window is None:
             grad = target_of(p).grad(p)
             if grad is None:
@@ -247,7 +327,10 @@ class SubspaceOptimizer(Optimizer):
                    group: dict | None = None) -> None:
         """Add ``grad``, projected, to ``p``'s accumulation window (``start``: the window's
         first micro-batch, where its subspace is fixed and a due refresh happens)."""
-        accumulation.accumulate(self, p, grad, group or self.group_of(p), start)
+        group = group or self.group_of(p)
+        if start:
+            self.check_group_changes(group)
+        accumulation.accumulate(self, p, grad, group, start)
 
     @torch.no_grad()
     def add_projected_gradient(self, p: Tensor, low: Tensor) -> None:

@@ -128,11 +128,35 @@ def _check_state(opt: SubspaceOptimizer, index: int, p: Tensor, group: dict,
         if base == key and isinstance(value, Tensor) and tuple(value.shape) != shapes[key]:
             _refuse(f"{where}: {key!r} has shape {tuple(value.shape)} where this optimizer "
                     f"keeps {shapes[key]} (a different model, rank or proj_type?)")
+    _check_parameter_dtype(opt, p, group, state, where, set(shapes))
     step = state.get("step")
     if step is not None and not (isinstance(step, int) and not isinstance(step, bool)
                                  and step >= 0):
         _refuse(f"{where}: 'step' is {step!r}, not a count >= 0 (this library keeps steps as "
                 "Python ints)")
+
+
+def _check_parameter_dtype(opt: SubspaceOptimizer, p: Tensor, group: dict, state: dict,
+                           where: str, moments: set[str]) -> None:
+    """Refuse state kept in the parameter's dtype (the rule's moments with
+    ``state_bits=None``, the projector's basis) that is of another dtype: the state dict was
+    saved from a model of another precision (an fp32 checkpoint into a bf16 model), and the
+    first step would fail on mixed dtypes. Every dtype is kept as saved, so it is refused
+    rather than cast."""
+    if not p.is_floating_point():  # an INT8 weight's codes: its state has its own dtypes
+        return
+    keys = set(moments) if group.get("state_bits") is None else set()
+    if "rank" in group:
+        from ..projectors.base import get_projector
+
+        keys |= get_projector(group["projector"]).param_dtype_state_keys
+    for key in sorted(keys):
+        value = state.get(key)
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != p.dtype:
+            _refuse(f"{where}: {key!r} is {value.dtype} where the parameter is {p.dtype} "
+                    "(the state was saved from a model of another precision). Load it into "
+                    f"a model of the precision it was saved from, or start the optimizer "
+                    "anew; state_bits=32 keeps moments in float32 whatever the model's dtype")
 
 
 def prepare_load(opt: SubspaceOptimizer, state_dict: dict) -> tuple[list[dict], dict]:

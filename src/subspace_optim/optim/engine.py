@@ -108,6 +108,8 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None,
         if first:
             state["step"] = 0
         specs = opt._moment_specs(tuple(grad.shape), group)
+        if not first:
+            check_moments(opt, p, state, specs, grad, group)
         return Item(p, state, target, weight, weight, False, grad, grad, None, None, False,
                     step, False, specs)
     shape = matrix_shape(p.shape)
@@ -122,6 +124,8 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None,
         projector.init_state(state, group, opt._param_index(p))
         state["step"] = 0
     specs = opt._moment_specs(projected_shape(shape, group["rank"], side), group)
+    if not first:
+        check_moments(opt, p, state, specs, g, group)
     if window is None:
         refreshed = projector.needs_refresh(state, group, step)
         if defer and not refreshed:
@@ -133,6 +137,32 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None,
         basis, low = projector.basis(state, group, g, side), window
     return Item(p, state, target, weight, matrix, copy_back, g, low, basis, side, refreshed,
                 step, True, specs)
+
+
+def check_moments(opt: SubspaceOptimizer, p: Tensor, state: dict, specs: dict, grad: Tensor,
+                  group: dict) -> None:
+    """Refuse, with the reason, moments that do not fit this step's gradient: a parameter
+    whose shape, device or dtype changed after its state was created (``p.data`` replaced,
+    the model moved or cast). The rule's kernels (``torch._fused_adamw_``) do not check, and
+    would read or write past the moments."""
+    for name, (shape, _) in specs.items():
+        stored = state.get(name)
+        if stored is None:
+            continue
+        problem = None
+        if tuple(stored.shape) != tuple(shape):
+            problem = f"has shape {tuple(stored.shape)}, where this step needs {tuple(shape)}"
+        elif stored.device != grad.device:
+            problem = f"is on {stored.device}, the gradient on {grad.device}"
+        elif group["state_bits"] is None and stored.dtype not in (grad.dtype, torch.uint8):
+            problem = f"is {stored.dtype}, the gradient {grad.dtype}"
+        if problem is not None:
+            raise RuntimeError(
+                f"{type(opt).__name__}: parameter {opt._param_index(p)} (shape "
+                f"{tuple(p.shape)}): its optimizer state {name!r} {problem}. The parameter "
+                "changed after its state was created (p.data replaced, the model moved or "
+                "cast); build the optimizer after such changes, or clear the parameter's "
+                "state (optimizer.state[p] = {}) to start it anew.")
 
 
 def project_deferred(items: list[Item], group: dict) -> None:

@@ -127,6 +127,11 @@ class Projector:
     # State keys that stay on the CPU whatever the parameter's device (e.g. a seed read
     # by the host); all other state tensors follow the parameter on load.
     host_state_keys: ClassVar[frozenset[str]] = frozenset()
+    # Group keys besides rank, projector, proj_type and state_bits that shape the state
+    # (a change re-creates it), and the state keys kept in the parameter's dtype (cast
+    # with it when a state dict is loaded into a model of another precision).
+    state_layout_keys: ClassVar[frozenset[str]] = frozenset()
+    param_dtype_state_keys: ClassVar[frozenset[str]] = frozenset()
     # The state key whose absence means the subspace was never computed (None: the method
     # needs no first refresh), and whether it is refreshed every ``update_proj_gap`` steps.
     basis_key: ClassVar[str | None] = None

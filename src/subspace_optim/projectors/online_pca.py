@@ -63,6 +63,7 @@ class OnlinePCAProjector(MatrixProjector):
     """SVD once, then one AdamW step per step on the online-PCA loss; state ``proj_basis``."""
 
     name = "online_pca"
+    param_dtype_state_keys = frozenset({"proj_basis"})
     defaults = {"osd_variant": "code", "ortho_penalty": 0.1, "pca_lr_ratio": 5.0}
     # SVD once; after that the basis is learned, never recomputed.
     basis_key = "proj_basis"

@@ -68,6 +68,7 @@ class QGaLoreProjector(Projector):
     defaults = {"quant_n_bit": 4, "quant_group_size": 256, "cos_threshold": 0.4,
                 "gamma_proj": 2, "queue_size": 5, "cos_abs": False}
     host_state_keys = frozenset({"proj_queue"})
+    state_layout_keys = frozenset({"quant_n_bit", "quant_group_size", "queue_size"})
     basis_key = "proj_codes"
     refresh_on_owner = True
 

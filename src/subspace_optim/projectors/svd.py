@@ -82,6 +82,7 @@ class SVDProjector(MatrixProjector):
     """GaLore: SVD of the gradient every ``update_proj_gap`` steps; state ``proj_basis``."""
 
     name = "galore"
+    param_dtype_state_keys = frozenset({"proj_basis"})
     basis_key = "proj_basis"
     refresh_on_owner = True
 
