@@ -207,3 +207,98 @@ def test_stochastic_rounding_grid_keeps_every_draw_in_range():
         y = dequantize_groupwise(codes, scales, zeros, x.numel(), 8, 128)
         step = scales.repeat_interleave(128)[: x.numel()]
         assert ((y - x).abs() <= step * (1 + 1e-5)).all()
+
+
+# --------------------------------------------------------------------------- norms, clipping, AMP
+def _int8_model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    quantize_linear_layers(model, [r"^0$"])
+    opt = so.QGaLoreAdamW8bit([{"params": [model[0].bias, model[1].weight, model[1].bias]},
+                            {"params": [model[0].weight], "rank": 8,
+                             "quant_group_size": 64}], lr=1e-3)
+    return model, opt
+
+
+def test_clipping_and_the_norm_see_the_int8_gradient():
+    """torch's clip_grad_norm_ reads .grad only, and an INT8 weight keeps its gradient in
+    weight_grad (issue 19, point 4): the library's version clips and counts it."""
+    pytest.importorskip("bitsandbytes")
+    model, opt = _int8_model_and_optimizer()
+    model(torch.randn(16, 64)).pow(2).mean().backward()
+    grads = [model[0].weight_grad, model[0].bias.grad, model[1].weight.grad, model[1].bias.grad]
+    expected = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    torch_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    assert torch_norm < expected * (1 - 1e-3)  # torch's misses the INT8 gradient
+    assert torch.allclose(so.grad_norm(opt), expected)
+    total = so.clip_grad_norm_(opt, 0.5 * expected.item())
+    assert torch.allclose(total, expected)
+    assert torch.allclose(so.grad_norm(opt), 0.5 * expected, rtol=1e-5)
+
+
+def test_grad_scaler_unscales_and_checks_the_int8_gradient():
+    """With subspace_optim.unscale_ the INT8 gradient is unscaled by the scaler's factor, an
+    inf in it skips the step and backs the scale off; without it scaler.step refuses."""
+    pytest.importorskip("bitsandbytes")
+    model, opt = _int8_model_and_optimizer()
+    x = torch.randn(16, 64)
+    model(x).pow(2).mean().backward()
+    plain = model[0].weight_grad.clone()
+    opt.zero_grad()
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(model(x).pow(2).mean()).backward()
+    with pytest.raises(RuntimeError, match=r"unscale_\(scaler, optimizer\)"):
+        scaler.step(opt)
+    opt.zero_grad()
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(model(x).pow(2).mean()).backward()
+    so.unscale_(scaler, opt)
+    torch.testing.assert_close(model[0].weight_grad, plain)
+    before = model[0].dequantized_weight()
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(model[0].dequantized_weight(), before)  # stepped
+    assert scaler.get_scale() == 2.0**16
+
+    opt.zero_grad()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    model[0].weight_grad[0, 0] = float("inf")
+    before = model[0].dequantized_weight()
+    so.unscale_(scaler, opt)
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(model[0].dequantized_weight(), before)  # skipped
+    assert scaler.get_scale() == 2.0**15  # backed off
+
+
+def test_the_training_command_clips_int8_weights(tmp_path, monkeypatch):
+    """The training command's max_grad_norm goes through the library's clip, with the INT8
+    gradient among those it clips, and logs the norm that counts it."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    from subspace_optim import grads
+    from subspace_optim.train import loop
+    from subspace_optim.train.config import load_config
+
+    seen = []
+    clip = grads.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        held = grads.held_outside_grad(params)
+        seen.append(len(held))
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(grads, "clip_grad_norm_", recording)
+    cfg = load_config(None, [
+        "model_config.hidden_size=32", "model_config.num_hidden_layers=1",
+        "model_config.num_attention_heads=2", "model_config.intermediate_size=64",
+        "data.vocab_size=300", "data.seq_len=32", "data.max_train_bytes=30000",
+        "data.max_val_bytes=10000", "training.batch_size=4", "training.steps=2",
+        "training.eval_batches=1", "training.max_grad_norm=1.0", "training.log_every=1",
+        "optimizer.name=QGaLoreAdamW8bit", "training.int8_weights=true",
+        "optimizer.group={rank: 8, update_proj_gap: 3, quant_group_size: 64}",
+        f"data.cache_dir={tmp_path / 'cache'}", f"output.dir={tmp_path / 'runs'}"])
+    loop.train(cfg, loop.run_directory(cfg, "int8"), progress=False)
+    assert seen and all(n == 7 for n in seen)  # q, k, v, o, gate, up, down

@@ -310,3 +310,42 @@ def test_deepcopied_model_still_works():
     so.step_in_backward(opt)
     _loss(model, _batch(0)).backward()
     assert opt.state[model.blocks[0]["q_proj"].weight]["step"] == 1
+
+
+def test_a_parameter_unfrozen_after_the_hooks_were_attached_steps_too():
+    """A parameter frozen when step_in_backward was called and trainable later got a .grad
+    every step and was never updated, silently (issue 19, point 5): it is hooked at the next
+    step (stepping on that step's gradient) and steps inside backward after that, as one
+    trainable from the start does."""
+    def run(freeze_first):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8))
+        if freeze_first:
+            model[0].weight.requires_grad_(False)
+        opt = so.GaLoreAdamW([{"params": [model[0].bias, model[1].bias]},
+                              {"params": [model[0].weight, model[1].weight], "rank": 4}],
+                             lr=1e-2)
+        stepper = so.step_in_backward(opt)
+        model[0].weight.requires_grad_(True)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            model(torch.randn(32, 16, generator=gen)).pow(2).mean().backward()
+            opt.step()
+        stepper.remove()
+        return model[0].weight.detach().clone()
+
+    with pytest.warns(RuntimeWarning, match="frozen when it was called are trainable now"):
+        late = run(True)
+    assert torch.equal(late, run(False))
+
+
+def test_grad_scaler_with_layerwise_mode_is_refused_with_the_reason():
+    model = _model()
+    opt = so.GaLoreAdamW(_groups(model), lr=1e-3)
+    stepper = so.step_in_backward(opt)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randint(0, 96, (2, 8))).pow(2).mean()).backward()
+    with pytest.raises(RuntimeError, match="cannot be combined with torch.amp.GradScaler"):
+        scaler.step(opt)
+    stepper.remove()
+    assert "_step_supports_amp_scaling" not in opt.__dict__

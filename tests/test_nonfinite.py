@@ -127,3 +127,41 @@ def test_layerwise_a_nonfinite_micro_batch_skips_its_window_and_clipping_recover
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert not any(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     handle.remove()
+
+
+def _huge_run(record, magnitude, **group):
+    torch.manual_seed(0)
+    params = (torch.nn.Parameter(torch.randn(24, 32)), torch.nn.Parameter(torch.randn(32, 24)),
+              torch.nn.Parameter(torch.randn(24)))
+    wide, tall, bias = params
+    opt = record.make([{"params": [bias]},
+                       {"params": [wide, tall], "rank": 4, "update_proj_gap": 1, **group}])
+    for step in range(4):  # a refresh (and Flora's resample) at every step
+        for p, g in zip(params, _grads(params, step), strict=True):
+            p.grad = g * magnitude
+        opt.step()
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_finite_but_huge_gradients_leave_the_weights_finite(name):
+    """Gradients of 1e30 (finite in float32) keep every weight finite, as torch's AdamW
+    does (issue 19, point 6: Grass's multinomial selection squared them into inf
+    probabilities at 1e19, Flora's resample moved an inf second moment into NaN at 1e25).
+    Adafactor's rules square the gradient as torch.optim.Adafactor does, which is NaN from
+    1e19: they are held to torch's range, 1e18."""
+    record = OPTIMIZERS[name]
+    if record.bnb:
+        pytest.importorskip("bitsandbytes")
+    if record.rule in ("adafactor", "flora_adafactor"):
+        assert _huge_run(record, 1e18)
+        w = torch.nn.Parameter(torch.randn(24, 32))
+        reference = torch.optim.Adafactor([w], lr=1e-2)
+        w.grad = torch.randn(24, 32) * 1e19
+        reference.step()
+        assert not torch.isfinite(w).all()  # torch's own range ends there
+        return
+    assert _huge_run(record, 1e30)
+    if name == "GrassAdamW":
+        for selection in ("topk", "uniform"):
+            assert _huge_run(record, 1e30, selection=selection)

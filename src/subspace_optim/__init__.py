@@ -4,6 +4,7 @@ Swap ``torch.optim.AdamW`` for :class:`SubspaceAdamW` (or ``galore_torch.GaLoreA
 :class:`GaLoreAdamW`) and switch projection on per param group with the key ``rank``.
 """
 
+from .grads import clip_grad_norm_, grad_norm, unscale_
 from .layerwise import BackwardStepper, step_in_backward
 from .memory import optimizer_state_bytes
 from .named_groups import param_groups
@@ -44,10 +45,13 @@ __all__ = [
     "SubspaceAdamW",
     "SubspaceLion",
     "SubspaceOptimizer",
+    "clip_grad_norm_",
     "get_projector",
+    "grad_norm",
     "optimizer_state_bytes",
     "param_groups",
     "register_projector",
     "registered_projectors",
     "step_in_backward",
+    "unscale_",
 ]

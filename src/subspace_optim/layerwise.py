@@ -41,6 +41,13 @@ class BackwardStepper:
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 self._group_index[id(p)] = index
+        # Parameters frozen when the hooks were attached (no hook can be registered on them):
+        # looked at again at each step, and hooked once they are trainable.
+        self._frozen: list[Tensor] = []
+        # GradScaler then hands its scale to optimizer.step(), which refuses the combination
+        # (parameters step on scaled gradients before the scaler can check them).
+        self._amp_flag = optimizer.__dict__.get("_step_supports_amp_scaling")
+        optimizer._step_supports_amp_scaling = True
         if ddp is not None:
             self._attach_ddp(ddp)
             return
@@ -48,10 +55,35 @@ class BackwardStepper:
             for p in group["params"]:
                 target = target_of(p)
                 if target is not PARAMETER or p.requires_grad:
-                    # The hook fires with the accumulated gradient; for a leaf that got none
-                    # (GrassLinear hands its rows over directly) it does not.
-                    self._handles.append(
-                        target.register_grad_hook(p, lambda grad, p=p: self._on_grad(p, grad)))
+                    self._hook(p)
+                else:
+                    self._frozen.append(p)
+
+    def _hook(self, p: Tensor) -> None:
+        # The hook fires with the accumulated gradient; for a leaf that got none (GrassLinear
+        # hands its rows over directly) it does not.
+        self._handles.append(target_of(p).register_grad_hook(
+            p, lambda grad, p=p: self._on_grad(p, grad)))
+
+    @torch.no_grad()
+    def _hook_unfrozen(self) -> None:
+        """Hook the parameters that were frozen when the hooks were attached and are
+        trainable now; one that already got a gradient (this step's backward ran without a
+        hook on it) steps on it here, so no update is lost."""
+        unfrozen = [p for p in self._frozen if p.requires_grad]
+        if not unfrozen:
+            return
+        from ._warn import warn_once
+
+        warn_once("layerwise-unfrozen",
+                  f"step_in_backward: {len(unfrozen)} parameter(s) frozen when it was called "
+                  "are trainable now; they step inside backward from now on (this step: "
+                  "at optimizer.step()). Shown once per process.")
+        for p in unfrozen:
+            self._frozen.remove(p)
+            self._hook(p)
+            if p.grad is not None:
+                self._on_grad(p, p.grad)
 
     def _attach_ddp(self, ddp: Any) -> None:
         """Step from DDP's communication hook, on the reduced gradients of each bucket."""
@@ -175,6 +207,8 @@ class BackwardStepper:
     def close_step(self) -> None:
         """Called by ``optimizer.step()``: the step's total gradient norm becomes
         ``grad_norm`` (and the reference for global clipping of the next step)."""
+        if self._frozen:
+            self._hook_unfrozen()
         if self._norm_sq is not None:
             self.grad_norm = self._norm_sq.sqrt()
             self._norm_sq = None
@@ -192,6 +226,10 @@ class BackwardStepper:
         self._handles.clear()
         if self._ddp is not None and getattr(self._ddp, "_subspace_stepper", None) is self:
             self._ddp._subspace_stepper = None
+        if self._amp_flag is None:
+            self.optimizer.__dict__.pop("_step_supports_amp_scaling", None)
+        else:
+            self.optimizer._step_supports_amp_scaling = self._amp_flag
         self.optimizer._backward_stepper = None
         self.optimizer._pending_clip_norm = self.clip_norm  # for a later stepper or save
 

@@ -46,7 +46,7 @@ from ..projectors.base import (
 )
 from . import accumulation, checkpoint, engine
 from .groups import check_group_keys, prepare_projected_group, validate_common
-from .targets import target_of
+from .targets import PARAMETER, target_of
 
 
 _ABSENT = "<absent>"
@@ -181,6 +181,9 @@ class SubspaceOptimizer(Optimizer):
         except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
+        if any(target_of(p) is not PARAMETER for p in group["params"]):
+            # GradScaler then hands its scale to step() (see _loss_scaling_skips).
+            self._step_supports_amp_scaling = True
 
     def check_group(self, group: dict, given: set[str] | None = None) -> None:
         """Validate ``group`` (defaults already filled in) and fill in its projector's
@@ -263,6 +266,8 @@ class SubspaceOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             self.check_group_changes(group)
+        if getattr(self, "found_inf", None) is not None and self._loss_scaling_skips():
+            return loss
         if self._backward_stepper is not None:
             # Parameters were updated inside backward; this call only closes the step.
             self._backward_stepper.close_step()
@@ -279,6 +284,41 @@ class SubspaceOptimizer(Optimizer):
     def _steady_step(self) -> None:
         for group in self.param_groups:
             engine.step_group(self, group, self.implementation(group))
+
+    def _loss_scaling_skips(self) -> bool:
+        """Called when ``torch.amp.GradScaler.step`` drives this optimizer, which it does
+        itself (``_step_supports_amp_scaling``) when it holds gradients outside ``.grad``
+        (INT8 weights) or steps inside backward: unscale what the scaler did not, refuse
+        what cannot be made right, and say whether the step must be skipped (a NaN or inf
+        gradient, as the scaler would)."""
+        if self._backward_stepper is not None:
+            raise RuntimeError(
+                "step_in_backward (layer-wise mode) cannot be combined with torch.amp."
+                "GradScaler: parameters step inside backward on the scaled gradients, before "
+                "the scaler can unscale and check them (this step's updates were already "
+                "applied). Train in bf16 without a scaler, or step with optimizer.step()")
+        from ..grads import held_outside_grad
+
+        outside = held_outside_grad(self)
+        if outside and not self.__dict__.pop("_outside_grads_unscaled", False):
+            raise RuntimeError(
+                f"{type(self).__name__} holds INT8 weights, whose gradients GradScaler cannot "
+                "see (they live outside .grad): call subspace_optim.unscale_(scaler, "
+                "optimizer) before scaler.step(optimizer), in place of scaler.unscale_")
+        scale = getattr(self, "grad_scale", None)
+        found = self.found_inf
+        if scale is not None:  # the scaler unscaled nothing: do it for .grad
+            grads: dict[tuple, list[Tensor]] = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+            inv = scale.double().reciprocal().float()
+            for (device, _), tensors in grads.items():
+                # Their infs were already counted by the scaler (found): a scratch flag here.
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    tensors, torch.zeros((), device=device), inv.to(device))
+        return bool(found > 0)
 
     @torch.compiler.disable
     def _eager_step(self) -> None:

@@ -63,14 +63,32 @@ def transition_moments(projector: Projector, state: dict, group: dict, names: li
         if policy == RESET:
             value = torch.zeros_like(moments.load_moment(state, name, bits, signed))
         elif name in reprojectable:
-            value = projector.reproject(
-                old_basis, basis, moments.load_moment(state, name, bits, signed), side
-            )
+            value = _reproject_scale_safe(
+                projector, old_basis, basis, moments.load_moment(state, name, bits, signed),
+                side)
             if not signed:
                 value = value.abs()
         else:
             continue
         moments.store_moment(state, name, value, bits, signed)
+
+
+def _reproject_scale_safe(projector: Projector, old_basis: Any, basis: Any, moment: Tensor,
+                          side: Side) -> Tensor:
+    """``projector.reproject`` of ``moment`` divided by a power of two near its largest
+    element, multiplied back after: the same numbers (a power of two scales exactly), but
+    no sum inside the two products overflows. A second moment of a gradient of 1e25 is
+    already inf in float32 (its square); it is read as the largest float, so the move gives
+    +-inf (a zero step, as AdamW takes with an inf second moment), not inf - inf = NaN."""
+    if not moment.is_floating_point() or moment.numel() == 0:
+        return projector.reproject(old_basis, basis, moment, side)
+    big = torch.finfo(moment.dtype).max
+    finite = torch.nan_to_num(moment, posinf=big, neginf=-big)
+    peak = finite.abs().amax()
+    _, exponent = torch.frexp(peak)
+    factor = torch.ldexp(torch.ones((), dtype=moment.dtype, device=moment.device), -exponent)
+    factor = torch.where(peak > 0, factor, torch.ones_like(factor))
+    return projector.reproject(old_basis, basis, finite * factor, side) / factor
 
 
 def project(projector: Projector, state: dict, group: dict, g: Tensor, side: Side,

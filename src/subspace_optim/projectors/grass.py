@@ -66,6 +66,20 @@ def select_rows(
     return idx[order].to(index_dtype(d)), scales[order].float()
 
 
+def _row_norms_sq(grad: Tensor, side: Side) -> Tensor:
+    """Each row's (left) or column's (right) squared norm, of the gradient divided by a
+    power of two near its largest element: the same selection and probabilities (a power of
+    two scales every norm exactly alike), and a gradient of 1e19 does not overflow float32
+    when squared (its norms were inf, its probabilities NaN)."""
+    g = grad.to(working_dtype(grad))
+    if g.numel() and not g.is_meta:
+        peak = g.abs().amax()
+        _, exponent = torch.frexp(peak)
+        factor = torch.ldexp(torch.ones((), dtype=g.dtype, device=g.device), -exponent)
+        g = g * torch.where(torch.isfinite(peak) & (peak > 0), factor, torch.ones_like(factor))
+    return g.pow(2).sum(dim=1 if side == "left" else 0)
+
+
 class GrassProjector(Projector):
     """Row (or column) selection; state ``proj_indices`` (int16), ``proj_scales``, ``proj_seed``."""
 
@@ -88,7 +102,7 @@ class GrassProjector(Projector):
     def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
         seed = next_seed(int(state["proj_seed"]))
         state["proj_seed"] = seed_tensor(seed)
-        norms_sq = grad.to(working_dtype(grad)).pow(2).sum(dim=1 if side == "left" else 0)
+        norms_sq = _row_norms_sq(grad, side)
         if grad.is_meta:
             # The memory planner (meta tensors): a selection of the right shapes and dtypes,
             # made on the host from a stand-in vector of norms.

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import grads
 from ..layerwise import step_in_backward
 from ..memory import optimizer_state_bytes
 from . import dist_checkpoint, parallel
@@ -254,8 +255,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                         window["tokens"] += n
                     loss_sum = parallel.mean_over_ranks(par, loss_sum)
                     if stepper is None:
-                        grad_norm = (parallel.full_norm(torch.nn.utils.clip_grad_norm_(
-                            model.parameters(), t.max_grad_norm)) if t.max_grad_norm else None)
+                        # INT8 weights keep their gradient outside .grad: clipped and counted
+                        # by the library's clip (one process; FSDP2 clips DTensors).
+                        clip = torch.nn.utils.clip_grad_norm_ if par.distributed else \
+                            grads.clip_grad_norm_
+                        grad_norm = (parallel.full_norm(clip(
+                            model.parameters() if par.distributed else optimizer,
+                            t.max_grad_norm)) if t.max_grad_norm else None)
                         optimizer.step()
                     else:
                         optimizer.step()  # closes the step: parameters already moved
