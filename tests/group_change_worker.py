@@ -16,8 +16,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from optim_db import OPTIMIZERS  # noqa: E402
 
-import subspace_optim as so  # noqa: E402
-
 CHANGES = {
     "rank": [1, 2, 6, 8, 64, 0, None],
     "projector": ["galore", "dct", "online_pca", "flora", "grass", "q_galore", "nope"],

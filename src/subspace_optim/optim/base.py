@@ -48,7 +48,6 @@ from . import accumulation, checkpoint, engine
 from .groups import check_group_keys, prepare_projected_group, validate_common
 from .targets import PARAMETER, target_of
 
-
 _ABSENT = "<absent>"
 # Group keys that shape a parameter's state: changing one re-creates it. A projector adds
 # its own (``Projector.state_layout_keys``: Q-GaLore's code width, group and queue size).
