@@ -59,7 +59,8 @@ def _assert_same_run(a, b):
     assert _records(a) == _records(b)
 
 
-def _interrupt_in_the_middle_of_step(monkeypatch, at_step, params_before_signal=3):
+def _interrupt_in_the_middle_of_step(monkeypatch, at_step, params_before_signal=3,
+                                     signum=signal.SIGINT):
     """SIGINT arrives during update number ``at_step`` (0-based), after a few parameters
     have been updated and before the others are (in ordinary mode inside optimizer.step(),
     in layer-wise mode inside backward)."""
@@ -72,7 +73,7 @@ def _interrupt_in_the_middle_of_step(monkeypatch, at_step, params_before_signal=
             finish(opt, [item], group)
             calls["n"] += 1
             if calls["n"] == at_step * per_step + params_before_signal:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(engine, "finish", finish_one_by_one)
 
@@ -318,3 +319,172 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny):
 def test_config_errors_name_the_key(tiny):
     with pytest.raises(ConfigError, match="data.vocab_size must be >= 257"):
         tiny("data.vocab_size=100")
+
+
+# --------------------------------------------------------------------------- issue 19, 7-13
+def test_a_half_written_last_metrics_line_is_dropped_on_resume(tiny):
+    """Point 7: a kill or a full disk during a log write leaves a line cut short; --resume
+    crashed with JSONDecodeError. The line is dropped (the resumed run writes it again)."""
+    straight = tiny("output.name=straight")
+    loop.train(straight, loop.run_directory(straight, "a"), progress=False)
+    cfg = tiny("output.name=cut")
+    run_dir = loop.run_directory(cfg, "b")
+    loop.train(cfg, run_dir, progress=False, stop_after=5)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 4.1')
+    loop.train(cfg, run_dir, resume=True, progress=False)
+    _assert_same_run(straight_dir(straight), run_dir)
+
+
+def test_a_damaged_middle_metrics_line_is_refused_with_its_number(tiny):
+    cfg = tiny("output.name=damaged")
+    run_dir = loop.run_directory(cfg, "b")
+    loop.train(cfg, run_dir, progress=False, stop_after=5)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 2 is damaged"):
+        loop.train(cfg, run_dir, resume=True, progress=False)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tiny, tmp_path):
+    """Point 8: the run directory held config.json and no checkpoint: --resume said "no
+    checkpoint" and a new start "already holds a run". --resume now starts it again."""
+    straight = tiny("output.name=straight")
+    loop.train(straight, loop.run_directory(straight, "a"), progress=False)
+    cfg = tiny("output.name=killed")
+    run_dir = loop.run_directory(cfg, "b")
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "val_loss": 7.0, "val_ppl": 1100.0}\n')
+    result = _cli(tmp_path, resume=run_dir)
+    assert result.exit_code == 0, result.output
+    assert "no checkpoint yet" in " ".join(result.output.split())
+    _assert_same_run(straight_dir(straight), run_dir)
+
+
+def test_a_failed_checkpoint_write_says_why_and_keeps_the_previous(tiny, monkeypatch):
+    """Point 9: a full disk made torch say "[enforce fail at inline_container.cc:672]
+    unexpected pos". The error says so in words, and the previous checkpoint is intact."""
+    from subspace_optim.train import checkpoint as ckpt_module
+
+    cfg = tiny("output.name=full", "training.checkpoint_every=2")
+    run_dir = loop.run_directory(cfg, "b")
+    loop.train(cfg, run_dir, progress=False, stop_after=3)  # checkpoints at 2 and 3
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", full_disk)
+    with pytest.raises(ckpt_module.CheckpointError,
+                       match=r"checkpoint of step 4 .*the disk is full or the file exceeds the "
+                             r"file-size limit; the previous checkpoint \(step 3\) is intact"):
+        loop.train(cfg, run_dir, resume=True, progress=False)
+    monkeypatch.setattr(ckpt_module.torch, "save", real_save)
+    assert load_checkpoint(run_dir / "checkpoints")["step"] == 3
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tiny):
+    cfg = tiny("output.name=tmpfiles")
+    run_dir = loop.run_directory(cfg, "b")
+    loop.train(cfg, run_dir, progress=False, stop_after=3)
+    stale = run_dir / "checkpoints" / ".step_00000006.pt.abc123.tmp"
+    stale.write_bytes(b"x" * 1000)
+    loop.train(cfg, run_dir, resume=True, progress=False)
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("edit,change", [
+    ({"training": {"batch_size": 8}}, "training.batch_size: 4 -> 8"),
+    ({"optimizer": {"lr": 0.5}}, "optimizer.lr"),
+    ({"training": {"seed": 7}}, "training.seed: 0 -> 7"),
+])
+def test_an_edited_config_json_is_judged_as_set_would_be(tiny, edit, change):
+    """Point 10: an edit of config.json before --resume silently changed the run (batch
+    size, seed), was ignored (lr: the checkpoint won) or ended in a traceback. It is
+    compared with the configuration the checkpoint was saved with."""
+    cfg = tiny("output.name=edited")
+    run_dir = loop.run_directory(cfg, "b")
+    loop.train(cfg, run_dir, progress=False, stop_after=3)
+    saved = json.loads((run_dir / "config.json").read_text())
+    for section, values in edit.items():
+        saved[section].update(values)
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    from subspace_optim.train.config import load_saved_config
+
+    edited = load_saved_config(run_dir / "config.json")
+    with pytest.raises(ConfigError, match="differs from the configuration its checkpoint was "
+                                          f"saved with .*{change}"):
+        loop.train(edited, run_dir, resume=True, progress=False)
+    assert load_checkpoint(run_dir / "checkpoints")["step"] == 3  # nothing changed
+
+
+def test_an_edit_of_a_resumable_key_in_config_json_is_taken(tiny):
+    cfg = tiny("output.name=extended")
+    run_dir = loop.run_directory(cfg, "b")
+    loop.train(cfg, run_dir, progress=False, stop_after=3)
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["training"]["steps"] = 10
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    from subspace_optim.train.config import load_saved_config
+
+    result = loop.train(load_saved_config(run_dir / "config.json"), run_dir, resume=True,
+                        progress=False)
+    assert result.steps == 10
+
+
+def test_a_second_process_on_the_same_run_is_refused_with_the_holders_pid(tiny, tmp_path):
+    """Point 11: two train processes with one output.name both ran and interleaved one
+    metrics.jsonl. The run directory is locked by the process that trains it."""
+    cfg = tiny("output.name=busy")
+    run_dir = loop.run_directory(cfg, "b")
+    loop.train(cfg, run_dir, progress=False, stop_after=3)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; "
+         f"fd = os.open({str(run_dir / '.lock')!r}, os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); "
+         "os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = _cli(tmp_path, resume=run_dir)
+        assert result.exit_code == 2, result.output
+        assert f"in use by another subspace-optim train (PID {holder.pid})" in \
+            " ".join(result.output.split())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli(tmp_path, resume=run_dir).exit_code == 0  # free again
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_143(tiny, tmp_path, monkeypatch):
+    """Point 12: SIGTERM (what schedulers send before a kill) ended the run without saving.
+    It is now taken as Ctrl-C is: the step in progress completes, a checkpoint is saved, and
+    the exit status is 143."""
+    _interrupt_in_the_middle_of_step(monkeypatch, at_step=2, signum=signal.SIGTERM)
+    args = ["train", "--no-progress", *[a for item in TINY for a in ("--set", item)],
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set",
+            f"output.dir={tmp_path / 'runs'}", "--set", "output.name=term"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 143, result.output
+    assert load_checkpoint(tmp_path / "runs" / "term" / "checkpoints")["step"] == 3
+
+
+@pytest.mark.parametrize("setting,match", [
+    ("file", "is a file, not a directory"),
+    ("long", "output.name is 300 bytes long; the filesystem takes names of at most"),
+])
+def test_an_unusable_output_place_is_an_error_before_any_work(tmp_path, setting, match):
+    """Point 13: output.dir naming a file, or a name longer than the filesystem allows,
+    ended in raw tracebacks after the data and model were prepared."""
+    if setting == "file":
+        (tmp_path / "afile").write_text("x")
+        result = _cli(tmp_path, f"output.dir={tmp_path / 'afile'}", "output.name=x")
+    else:
+        result = _cli(tmp_path, "output.name=" + "n" * 300)
+    assert result.exit_code == 2, result.output
+    assert match in " ".join(result.output.split())
+    assert not (tmp_path / "cache").exists()  # nothing was prepared

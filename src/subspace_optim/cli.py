@@ -86,7 +86,8 @@ def train(
             run_dir = named
         console.print(f"[bold]run[/bold] {run_dir}  optimizer [bold]{cfg.optimizer.name}[/bold]"
                       f"  model [bold]{cfg.model}[/bold]  data [bold]{cfg.data.source}[/bold]")
-        result = run(cfg, run_dir, resume=resume is not None, progress=progress)
+        result = run(cfg, run_dir, resume=resume is not None, progress=progress,
+                     say=console.print)
     except (ConfigError, CheckpointError, MissingDependency, FileNotFoundError) as error:
         if par is not None:
             teardown(par)
@@ -105,7 +106,7 @@ def train(
         return
     teardown(par)
     if not par.main:
-        raise typer.Exit(130 if result.interrupted else 0)
+        raise typer.Exit(result.exit_status if result.interrupted else 0)
     if not run_dir.exists():  # stopped before its first step: nothing to show or resume
         console.print("[yellow]stopped before the first step; nothing was saved[/yellow]")
         raise typer.Exit(130)
@@ -122,7 +123,7 @@ def train(
     if result.interrupted:
         console.print(f"[yellow]stopped at step {result.steps}; continue with[/yellow] "
                       f"subspace-optim train --resume {run_dir}")
-        raise typer.Exit(130)
+        raise typer.Exit(result.exit_status)
 
 
 @app.command()

@@ -57,18 +57,67 @@ def _write_json(path: Path, record: dict) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(record).encode()))
 
 
+def _write_failure(directory: Path, step: int, error: BaseException) -> CheckpointError:
+    """What to tell the user when a checkpoint could not be written: why in words (torch
+    says "[enforce fail at inline_container.cc] unexpected pos" for a full disk), and that
+    the previous checkpoint is intact (the temporary file is removed, nothing renamed)."""
+    errno = getattr(error, "errno", None)
+    import errno as codes
+
+    if errno == codes.ENOSPC:
+        why = "the disk is full"
+    elif errno == codes.EFBIG:
+        why = "the file exceeds the file-size limit (ulimit -f)"
+    elif errno == codes.EDQUOT:
+        why = "the disk quota is exceeded"
+    elif "unexpected pos" in str(error) or "write" in str(error).lower():
+        why = "the disk is full or the file exceeds the file-size limit"
+    else:
+        why = f"{type(error).__name__}: {error}"
+    previous = [r for r in _records(directory) if _intact(directory, r) is None]
+    kept = (f"the previous checkpoint (step {previous[0]['step']}) is intact"
+            if previous else "no earlier checkpoint exists")
+    return CheckpointError(f"could not write the checkpoint of step {step} in {directory}: "
+                           f"{why}; {kept}. Free space (or raise the limit), then resume "
+                           "with --resume")
+
+
+def remove_temporary_files(directory: Path) -> list[Path]:
+    """Remove the temporary files a killed write left behind (``.<name>.<random>.tmp``)."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
-    write_atomic(path, lambda f: torch.save(payload, f))
-    record = {"step": step, "file": path.name, "bytes": path.stat().st_size,
-              "sha256": _sha256(path)}
-    _write_json(path.with_suffix(".json"), record)
-    _write_json(directory / LATEST, record)
+    try:
+        write_atomic(path, lambda f: torch.save(payload, f))
+        record = {"step": step, "file": path.name, "bytes": path.stat().st_size,
+                  "sha256": _sha256(path)}
+        _write_json(path.with_suffix(".json"), record)
+        _write_json(directory / LATEST, record)
+    except (OSError, RuntimeError) as error:
+        if not _is_recorded(directory, path):  # written, but never made the latest
+            path.unlink(missing_ok=True)
+        raise _write_failure(directory, step, error) from error
     for old in sorted(directory.glob("step_*.pt"))[:-KEEP]:
         old.unlink()
         old.with_suffix(".json").unlink(missing_ok=True)
     return path
+
+
+def _is_recorded(directory: Path, path: Path) -> bool:
+    return any(r.get("file") == path.name for r in _records(directory))
+
+
+def has_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds any checkpoint record (intact or not)."""
+    return bool(_records(directory))
 
 
 def _records(directory: Path) -> list[dict]:

@@ -306,6 +306,19 @@ def load_saved_config(path: Path) -> RunConfig:
     return cfg
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"training": {"steps": 8}}`` -> ``{"training.steps": 8}`` (lists and plain values
+    stay as they are)."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 # What --resume may change: when and how often the run evaluates, saves and logs, and how
 # long it goes on. Everything else would make the resumed run a different run.
 RESUMABLE_KEYS = ("training.steps", "training.eval_every", "training.checkpoint_every",

@@ -21,11 +21,18 @@ from .. import grads
 from ..layerwise import step_in_backward
 from ..memory import optimizer_state_bytes
 from . import dist_checkpoint, parallel
-from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import (
+    has_checkpoint,
+    load_checkpoint,
+    remove_temporary_files,
+    save_checkpoint,
+    write_atomic,
+)
 from .config import ConfigError, RunConfig
 from .data import prepare
 from .interrupts import DeferredInterrupt
 from .model import build_model, build_optimizer
+from .run_lock import RunLock
 
 OOM_ADVICE = (
     "out of memory. Settings that lower memory: a smaller optimizer.group.rank, "
@@ -107,12 +114,33 @@ class RunResult:
     skipped_steps: int = 0
     # Set when --resume found the run already at its last step: nothing was trained.
     already_finished: bool = False
+    # The exit status of an interrupted run: 130 (SIGINT) or 143 (SIGTERM).
+    exit_status: int = 130
 
 
 def run_directory(cfg: RunConfig, config_name: str) -> Path:
-    """Where a new run writes (created by :func:`train` once the run is ready to start)."""
+    """Where a new run writes (created by :func:`train` once the run is ready to start).
+    Checked here, before any data or model is prepared: ``output.dir`` must be a directory
+    (or not exist yet) and the run's name must fit the filesystem."""
     name = cfg.output.name or f"{config_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    path = Path(cfg.output.dir) / name
+    out = Path(cfg.output.dir)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output.dir={cfg.output.dir!r}: {parent} is a file, not a "
+                                  "directory")
+            if not os.access(parent, os.W_OK):
+                raise ConfigError(f"output.dir={cfg.output.dir!r}: {parent} is not writable")
+            limit = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+            break
+    else:
+        limit = 255
+    if len(name.encode()) > limit:
+        raise ConfigError(f"output.name is {len(name.encode())} bytes long; the filesystem "
+                          f"takes names of at most {limit}")
+    path = out / name
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a run directory")
     if (path / "checkpoints").exists() or (path / "config.json").exists():
         raise ConfigError(f"{path} already holds a run; resume it with --resume {path}")
     return path
@@ -126,24 +154,101 @@ def _new_window() -> dict[str, float]:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after the checkpoint at ``step`` (a run killed after a log line
-    but before its next checkpoint): the resumed run writes them again."""
+    but before its next checkpoint): the resumed run writes them again. A last line cut
+    short (a full disk, a kill during the write) is dropped too; a damaged line before it is
+    refused with its number (the file is not the run's own log)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            if all(not rest.strip() for rest in lines[number:]):
+                break  # the last line, cut short: the resumed run writes it again
+            raise ConfigError(f"{path}: line {number} is damaged ({error}); repair or remove "
+                              "that line to resume") from None
+        if record_step <= step:
+            kept.append(line)
     write_atomic(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
+def _check_resumed_config(cfg: RunConfig, saved: dict | None, run_dir: Path) -> None:
+    """The run's configuration (its ``config.json`` with ``--set`` applied) must equal the
+    one its checkpoint was saved with, but for the keys that may change on resume: an edit
+    of ``config.json`` is judged as ``--set`` would be."""
+    from .config import RESUMABLE_KEYS, flatten
+
+    if saved is None:  # checkpoints of older releases did not store it
+        return
+    # Compared as JSON values (config.json's form: tuples are lists there).
+    now, then = (flatten(json.loads(json.dumps(d))) for d in (cfg.to_dict(), saved))
+    changed = [(key, then.get(key), now.get(key)) for key in sorted(set(now) | set(then))
+               if now.get(key) != then.get(key) and key not in RESUMABLE_KEYS]
+    if changed:
+        said = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        raise ConfigError(
+            f"{run_dir / 'config.json'} differs from the configuration its checkpoint was "
+            f"saved with ({said}); a resumed run continues the same run, so only "
+            f"{', '.join(RESUMABLE_KEYS)} may change (put the file back, or start a new run)")
+
+
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> RunResult:
+          stop_after: int | None = None, say=None) -> RunResult:
     """Train as ``cfg`` says, writing into ``run_dir``. ``stop_after`` ends the run after that
     many steps with a checkpoint, as an interruption would (used by tests).
 
     Ctrl-C is deferred to the end of the step in progress, which is then checkpointed (so a
     checkpoint never holds a half-applied step); a second Ctrl-C stops at once without
-    saving. A run that fails or is stopped before its first step leaves no directory."""
-    t = cfg.training
+    saving; SIGTERM is taken the same way (exit status 143). A run that fails or is
+    stopped before its first step leaves no directory. ``say``: where to print notices
+    (resuming from step N). One process trains a run directory at a time (a lock)."""
+    say = say or (lambda message: None)
     par = parallel.setup(cfg)
+    existed = run_dir.exists()
+    lock = None
+    if par.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(run_dir)
+        except ConfigError:
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        remove_temporary_files(run_dir)
+        remove_temporary_files(run_dir / "checkpoints")
+    try:
+        return _train(cfg, run_dir, resume, progress, stop_after, say, par, existed)
+    except BaseException:
+        # Failed before anything was saved (data, model, a bad checkpoint): leave no
+        # directory that was not there.
+        if par.main and not existed and not has_checkpoint(run_dir / "checkpoints"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
+           stop_after: int | None, say, par, existed: bool) -> RunResult:
+    t = cfg.training
+    ckpt = None
+    if resume:
+        if not has_checkpoint(run_dir / "checkpoints"):
+            say(f"{run_dir} has no checkpoint yet (stopped before its first one): starting "
+                "it again from step 0")
+            resume = False
+            if par.main:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            ckpt = load_checkpoint(run_dir / "checkpoints")
+            _check_resumed_config(cfg, ckpt.get("config"), run_dir)
     device = parallel.device(par, _device(cfg))
     torch.manual_seed(t.seed)
     if par.main:
@@ -167,7 +272,6 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
 
     step, history, window = 0, {"val": [], "skipped_steps": 0}, _new_window()
     if resume:
-        ckpt = load_checkpoint(run_dir / "checkpoints")
         step = ckpt["step"]
         if step >= t.steps:
             return RunResult(run_dir, step, ckpt["history"]["val"][0]["val_ppl"],
@@ -185,18 +289,17 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         window = ckpt.get("window", window)
         if par.main:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
+        if step < t.steps:
+            say(f"resuming from step {step} of {t.steps}")
     # After a resume's load: DCP's loading steps a fresh optimizer once (at lr 0) to create
     # its state, which layer-wise hooks would turn into a no-op.
     stepper = None
     if t.layerwise:
         stepper = step_in_backward(optimizer, t.accumulation_steps,
                                    max_grad_norm=t.max_grad_norm, ddp=ddp)
-    created = not resume and not run_dir.exists()
-    parallel.barrier(par)  # every rank has seen whether the directory existed
-    if par.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    created = not resume and not existed
+    if par.main and not resume:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     parallel.barrier(par)
     start = step
 
@@ -230,7 +333,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         bar.tokens_per_s = tokens_per_s
         window.update(_new_window())
 
-    interrupted = False
+    interrupted, exit_status = False, 130
     try:
         metrics_path = run_dir / "metrics.jsonl" if par.main else Path(os.devnull)
         with open(metrics_path, "a") as metrics, DeferredInterrupt() as interrupt:
@@ -283,6 +386,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
                     if step % t.checkpoint_every == 0 and step < end:
                         checkpoint()
                 interrupted = interrupt.requested or step < t.steps
+                exit_status = interrupt.exit_status
             except torch.cuda.OutOfMemoryError:
                 raise SystemExit(f"CUDA {OOM_ADVICE}") from None
             finally:
@@ -298,7 +402,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if stepper is not None:
         stepper.remove()
     return RunResult(run_dir, step, history["val"][0]["val_ppl"], history["val"][-1]["val_ppl"],
-                     interrupted, history["skipped_steps"])
+                     interrupted, history["skipped_steps"], exit_status=exit_status)
 
 
 def _log(handle, record: dict[str, Any]) -> None:
