@@ -17,7 +17,7 @@ import triton.language as tl
 from subspace_optim import ops
 
 from . import gemm
-from ._common import cast_out, gaussian, key32, offsets
+from ._common import INTERPRET, cast_out, gaussian, key32, offsets
 
 
 @ops.register_triton("flora_project")
@@ -60,7 +60,9 @@ def _flora_matrix_kernel(out_ptr, n, key, sqrt_rank, BLOCK: tl.constexpr):
 def flora_matrix(seed, like, rows, cols, rank):
     out = torch.empty((rows, cols), device=like.device, dtype=like.dtype)
     n = rows * cols
-    block = 4096
+    # Box-Muller per element: 256 per program (2 per thread) spills on none of sm_80/89/90;
+    # 512 to 4096 spilled 4-8 bytes on sm_80 or sm_89 (benchmarks/aot_compile.py).
+    block = 4096 if INTERPRET else 256
     _flora_matrix_kernel[(triton.cdiv(n, block),)](out, n, key32(seed), float(rank) ** 0.5,
                                                    BLOCK=block)
     return out

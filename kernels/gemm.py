@@ -88,7 +88,7 @@ def shared_memory_bytes(config: triton.Config, a_kind: int, a_bytes: int, b_kind
                         b_bytes: int, dot_bytes: int, cc: tuple[int, int]) -> int:
     """An upper bound on the shared memory of ``config`` (checked against every compiled
     specialisation by ``benchmarks/aot_compile.py``): a dense operand's tile is staged in
-    its own dtype once per pipeline stage (``num_stages`` buffers from sm_90, one fewer
+    its own dtype, or the dot dtype where that is wider, once per pipeline stage (``num_stages`` buffers from sm_90, one fewer
     before); a packed one stages its loads per stage and the dequantised tile once in the
     dot dtype; a generated one only the latter. The epilogue's layout change of the fp32
     accumulator reuses the same memory."""
@@ -96,8 +96,8 @@ def shared_memory_bytes(config: triton.Config, a_kind: int, a_bytes: int, b_kind
     stages = config.num_stages if cc >= (9, 0) else max(config.num_stages - 1, 1)
 
     def tile(kind, size, elements):
-        if kind == DENSE:
-            return elements * size * stages
+        if kind == DENSE:  # staged in the dot dtype when that is wider (bf16 next to fp32)
+            return elements * max(size, dot_bytes) * stages
         loads = _PACKED_LOAD_BYTES * stages if kind == PACKED else 0
         return elements * (loads + dot_bytes)
 
