@@ -117,8 +117,13 @@ class OnlinePCAProjector(MatrixProjector):
             lr_p = group["pca_lr_ratio"] * group["lr"]
             wd_p = group["weight_decay"]
         else:
-            initial = group.get("initial_lr", group["lr"])
-            lr_p = (group["lr"] / initial if initial else 1.0) / group["update_proj_gap"]
+            lr, initial = group["lr"], group.get("initial_lr", group["lr"])
+            if isinstance(lr, Tensor) or isinstance(initial, Tensor):
+                # A tensor lr (compiled steps): no host read, no branch on its value.
+                ratio = torch.where(torch.as_tensor(initial) != 0, lr / initial, 1.0)
+            else:
+                ratio = lr / initial if initial else 1.0
+            lr_p = ratio / group["update_proj_gap"]
             wd_p = _P_WEIGHT_DECAY_CODE
         step = state["proj_steps"] + 1
         p.mul_(1 - lr_p * wd_p)
@@ -126,7 +131,10 @@ class OnlinePCAProjector(MatrixProjector):
             grad_p, state["proj_exp_avg"], state["proj_exp_avg_sq"], step,
             beta1=_P_BETAS[0], beta2=_P_BETAS[1], eps=_P_EPS, convention="torch",
         )
-        p.add_(direction, alpha=-lr_p * factor)
+        if isinstance(lr_p, Tensor):
+            p.add_(direction * (-lr_p * factor))
+        else:
+            p.add_(direction, alpha=-lr_p * factor)
         if p is not stored:
             stored.copy_(p)
         state["proj_steps"] = step

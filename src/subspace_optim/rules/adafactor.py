@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 
@@ -14,16 +15,28 @@ def rms(x: Tensor) -> Tensor:
 
 
 def decay_beta2(step: int, decay_rate: float) -> float:
-    """Adafactor's increasing second-moment decay ``1 - t^decay_rate`` (t 1-based)."""
+    """Adafactor's increasing second-moment decay ``1 - t^decay_rate`` (t 1-based). Inside
+    ``torch.compile``, where the step is a symbolic int, as ``t ** decay_rate`` (the same
+    C ``pow``), which the compiler traces; ``math.pow`` would specialise the graph on every
+    step's value and recompile each step."""
+    if torch.compiler.is_compiling():
+        return 1.0 - step**decay_rate
     return 1.0 - math.pow(step, decay_rate)
 
 
 def relative_step_size(
     lr: float | None, step: int, relative_step: bool, warmup_init: bool
 ) -> float:
-    """The schedule-free step size of ``relative_step=True``, else ``lr``."""
+    """The schedule-free step size of ``relative_step=True``, else ``lr`` (inside
+    ``torch.compile`` as a 0-d tensor, so that the minimum is not a guard on the step)."""
     if not relative_step:
         return lr
+    if torch.compiler.is_compiling():
+        # A tensor times the symbolic step: traced, where a tensor made from it would be
+        # specialised on its value.
+        t = torch.ones((), dtype=torch.float64) * step
+        return torch.minimum(t * 1e-6 if warmup_init else torch.full_like(t, 1e-2),
+                             t.rsqrt())
     min_step = 1e-6 * step if warmup_init else 1e-2
     return min(min_step, 1.0 / math.sqrt(step))
 

@@ -60,5 +60,9 @@ def adamw_update(
     else:
         denom.add_(eps)
         factor = math.sqrt(bias2) / bias1
-    # The quotient overwrites denom: no second grad-sized temporary.
-    return torch.div(exp_avg, denom, out=denom), factor
+    # The quotient overwrites denom: no second grad-sized temporary (a strided denom, e.g.
+    # the moments of a column-major basis, takes a new tensor: torch.compile cannot trace
+    # out= into one; the same division either way).
+    if denom.is_contiguous():
+        return torch.div(exp_avg, denom, out=denom), factor
+    return exp_avg / denom, factor
