@@ -89,9 +89,9 @@ def shared_memory_bytes(config: triton.Config, a_kind: int, a_bytes: int, b_kind
     """An upper bound on the shared memory of ``config`` (checked against every compiled
     specialisation by ``benchmarks/aot_compile.py``): a dense operand's tile is staged in
     its own dtype, or the dot dtype where that is wider, once per pipeline stage
-    (``num_stages`` buffers from sm_90, one fewer before); a packed one stages its loads per stage and the dequantised tile once in the
-    dot dtype; a generated one only the latter. The epilogue's layout change of the fp32
-    accumulator reuses the same memory."""
+    (``num_stages`` buffers from sm_90, one fewer before); a packed one stages its loads
+    per stage and the dequantised tile once in the dot dtype; a generated one only the
+    latter. The epilogue's layout change of the fp32 accumulator reuses the same memory."""
     bm, bn, bk = config.kwargs["BM"], config.kwargs["BN"], config.kwargs["BK"]
     stages = config.num_stages if cc >= (9, 0) else max(config.num_stages - 1, 1)
 
