@@ -4,6 +4,7 @@ Swap ``torch.optim.AdamW`` for :class:`SubspaceAdamW` (or ``galore_torch.GaLoreA
 :class:`GaLoreAdamW`) and switch projection on per param group with the key ``rank``.
 """
 
+from . import distributed  # noqa: F401 (registers the adapter of sharded parameters)
 from .grads import clip_grad_norm_, grad_norm, unscale_
 from .layerwise import BackwardStepper, step_in_backward
 from .memory import optimizer_state_bytes

@@ -29,7 +29,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .optim.targets import PARAMETER, target_of
+from .optim import targets
+from .optim.targets import target_of
 
 
 def _parameters(params: torch.optim.Optimizer | Iterable[Tensor] | Tensor) -> list[Tensor]:
@@ -83,14 +84,7 @@ def clip_grad_norm_(params: torch.optim.Optimizer | Iterable[Tensor] | Tensor,
 
 def held_outside_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """The gradients of ``optimizer``'s parameters that live outside ``.grad``."""
-    out = []
-    for p in _parameters(optimizer):
-        target = target_of(p)
-        if target is not PARAMETER:
-            grad = target.grad(p)
-            if grad is not None:
-                out.append(grad)
-    return out
+    return targets.held_outside_grad(_parameters(optimizer))
 
 
 @torch.no_grad()

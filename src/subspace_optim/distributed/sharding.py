@@ -18,12 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def world_size() -> int:
-    """The number of ranks of the default process group (1 when none is initialised)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size()
+from ..optim.sharded import world_size  # noqa: F401 (this layer's name for it)
 
 
 def _dtensor_class() -> type | None:

@@ -33,9 +33,6 @@ from torch.optim import Optimizer
 
 from .. import ops
 from .._validate import check_lr
-from ..distributed import fsdp
-from ..distributed import state as dist_state
-from ..distributed.sharding import is_dtensor
 from ..projectors.base import (
     get_projector,
     matrix_shape,
@@ -44,9 +41,9 @@ from ..projectors.base import (
     registered_projectors,
     resolve_side,
 )
-from . import accumulation, checkpoint, engine
+from . import accumulation, checkpoint, engine, sharded
 from .groups import check_group_keys, prepare_projected_group, validate_common
-from .targets import PARAMETER, target_of
+from .targets import PARAMETER, held_outside_grad, target_of
 
 _ABSENT = "<absent>"
 # Group keys that shape a parameter's state: changing one re-creates it. A projector adds
@@ -296,9 +293,7 @@ class SubspaceOptimizer(Optimizer):
                 "GradScaler: parameters step inside backward on the scaled gradients, before "
                 "the scaler can unscale and check them (this step's updates were already "
                 "applied). Train in bf16 without a scaler, or step with optimizer.step()")
-        from ..grads import held_outside_grad
-
-        outside = held_outside_grad(self)
+        outside = held_outside_grad(p for g in self.param_groups for p in g["params"])
         if outside and not self.__dict__.pop("_outside_grads_unscaled", False):
             raise RuntimeError(
                 f"{type(self).__name__} holds INT8 weights, whose gradients GradScaler cannot "
@@ -321,13 +316,12 @@ class SubspaceOptimizer(Optimizer):
 
     @torch.compiler.disable
     def _eager_step(self) -> None:
-        from ..distributed import refresh
-
+        adapter = sharded.adapter()
         try:
-            refresh.precompute(self)
+            adapter.precompute_refreshes(self)
             self._steady_step()
         finally:
-            refresh.discard()
+            adapter.discard_refreshes()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -440,7 +434,7 @@ class SubspaceOptimizer(Optimizer):
         layer-wise mode, the global-clipping reference (the last step's total norm)."""
         state_dict = super().state_dict()
         if self._has_sharded_params():
-            state_dict = dist_state.present(self, state_dict)
+            state_dict = sharded.adapter().present(self, state_dict)
         stepper = self._backward_stepper
         extra = checkpoint.marker(self)
         extra["clip_norm"] = stepper.clip_norm if stepper is not None else self._pending_clip_norm
@@ -460,22 +454,22 @@ class SubspaceOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        sharded = self._has_sharded_params()
-        if sharded:
-            state_dict = dist_state.localize(self, state_dict)
+        is_sharded = self._has_sharded_params()
+        if is_sharded:
+            state_dict = sharded.adapter().localize(self, state_dict)
         groups, state = checkpoint.prepare_load(self, state_dict)
         clip_norm = (state_dict.get(checkpoint.EXTRA_KEY) or {}).get("clip_norm")
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         self._pending_clip_norm = clip_norm
         if self._backward_stepper is not None:
             self._backward_stepper.clip_norm = clip_norm
-        if sharded:
-            dist_state.requantize(self)
+        if is_sharded:
+            sharded.adapter().after_load(self)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def _has_sharded_params(self) -> bool:
-        return any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+        return any(sharded.is_sharded(p) for g in self.param_groups for p in g["params"])
 
     def host_state_keys(self, groups: list[dict] | None = None) -> frozenset[str]:
         """State keys kept on the CPU whatever the parameter's device (seeds, counters)."""
@@ -492,6 +486,6 @@ class SubspaceOptimizer(Optimizer):
             shape = projected_shape(shape, group["rank"], side)
         else:
             shape = tuple(p.shape)
-        if is_dtensor(p):  # this rank's part of it
-            shape = fsdp.local_rule_shape(self, p, group, shape)
+        if sharded.is_sharded(p):  # this rank's part of it
+            shape = sharded.adapter().local_rule_shape(self, p, group, shape)
         return {name: spec[0] for name, spec in self._moment_specs(shape, group).items()}

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..distributed.sharding import is_dtensor, world_size
 from ..projectors.base import (
     Projector,
     Side,
@@ -29,7 +28,7 @@ from ..projectors.base import (
     projected_shape,
     resolve_side,
 )
-from . import lifecycle, moments
+from . import lifecycle, moments, sharded
 from .hyperparameters import host_hyperparameters
 from .targets import PARAMETER, Target, target_of
 
@@ -80,24 +79,22 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None,
     ``window``: an accumulated projected gradient (``grad`` is then the window's last
     micro-batch, or ``None`` when only the projected gradient was ever formed).
     ``defer``: leave a steady item's projection (``low``) to :func:`project_deferred`."""
-    if is_dtensor(p):
+    if sharded.is_sharded(p):
         if window is not None:
             raise RuntimeError("accumulation windows (step_in_backward) are not supported "
                                "for FSDP2-sharded parameters")
-        from ..distributed import fsdp
-
-        return fsdp.prepare(opt, p, group, grad)
+        return sharded.adapter().prepare(opt, p, group, grad)
     if grad is not None:
         opt._check_grad(p, grad)
     if opt._skips_nonfinite(group, grad if window is None else window):
         return None
     target = target_of(p)
-    if target is not PARAMETER and world_size() > 1:
+    if target is not PARAMETER and sharded.world_size() > 1:
         # DDP reduces parameters' .grad only; a layer that keeps its gradient elsewhere
         # (Int8Linear) would train on this rank's gradient alone.
         raise RuntimeError(
             f"{type(target).__name__} weights (e.g. Int8Linear) are not supported with "
-            f"{world_size()} ranks: their gradients are not reduced by DDP or FSDP2")
+            f"{sharded.world_size()} ranks: their gradients are not reduced by DDP or FSDP2")
     state = opt.state[p]
     first = "step" not in state
     step = state.get("step", 0)

@@ -51,3 +51,15 @@ PARAMETER = Target()
 
 def target_of(p: Tensor) -> Target:
     return getattr(p, "subspace_target", PARAMETER)
+
+
+def held_outside_grad(params) -> list[Tensor]:
+    """The gradients of ``params`` that live outside ``.grad`` (an INT8 weight's)."""
+    out = []
+    for p in params:
+        target = target_of(p)
+        if target is not PARAMETER:
+            grad = target.grad(p)
+            if grad is not None:
+                out.append(grad)
+    return out
