@@ -191,3 +191,26 @@ def test_8bit_states_on_cuda_follow_the_cpu_run():
         assert opt.state[w]["exp_avg"].dtype == torch.uint8
         results.append(w.detach().cpu())
     assert (results[0] - results[1]).abs().max() < 0.1 * 20 * 1e-3
+
+
+def test_the_8bit_classes_take_bitsandbytes_keywords():
+    """bitsandbytes' AdamW8bit keywords were a bare TypeError: taken where they mean
+    something (optim_bits, min_8bit_size, and the defaults of the others), a ValueError
+    naming the keyword otherwise."""
+    pytest.importorskip("bitsandbytes")
+    w = torch.nn.Parameter(torch.randn(64, 128))
+    opt = so.GaLoreAdamW8bit([{"params": [w], "rank": 8}], optim_bits=8, min_8bit_size=256,
+                             percentile_clipping=100, block_wise=True, is_paged=False,
+                             amsgrad=False)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert opt.state[w]["exp_avg"].dtype == torch.uint8  # 512 elements >= 256: 8-bit
+    default = so.GaLoreAdamW8bit([{"params": [w], "rank": 8}])
+    default.step()
+    assert default.state[w]["exp_avg"].dtype == torch.float32  # under 4096: float32
+    assert so.QGaLoreAdamW8bit([{"params": [w], "rank": 8, "quant_group_size": 64}],
+                               optim_bits=32).param_groups[0]["state_bits"] == 32
+    for keyword, value in (("percentile_clipping", 5), ("is_paged", True),
+                           ("block_wise", False), ("amsgrad", True), ("optim_bits", 16)):
+        with pytest.raises(ValueError, match=rf"{keyword}={value!r}"):
+            so.GaLoreAdamW8bit([{"params": [w], "rank": 8}], **{keyword: value})

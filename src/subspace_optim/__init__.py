@@ -5,6 +5,7 @@ Swap ``torch.optim.AdamW`` for :class:`SubspaceAdamW` (or ``galore_torch.GaLoreA
 """
 
 from . import distributed  # noqa: F401 (registers the adapter of sharded parameters)
+from .build import build, for_trainer
 from .grads import clip_grad_norm_, grad_norm, unscale_
 from .layerwise import BackwardStepper, step_in_backward
 from .memory import optimizer_state_bytes
@@ -46,7 +47,9 @@ __all__ = [
     "SubspaceAdamW",
     "SubspaceLion",
     "SubspaceOptimizer",
+    "build",
     "clip_grad_norm_",
+    "for_trainer",
     "get_projector",
     "grad_norm",
     "optimizer_state_bytes",

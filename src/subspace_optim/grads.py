@@ -24,6 +24,7 @@ A loop with INT8 weights and fp16 loss scaling::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -41,9 +42,19 @@ def _parameters(params: torch.optim.Optimizer | Iterable[Tensor] | Tensor) -> li
     return list(params)
 
 
+def _warn_if_layerwise(params) -> None:
+    if getattr(params, "_backward_stepper", None) is not None:
+        warnings.warn(
+            "layer-wise mode (step_in_backward): every gradient was consumed and freed inside "
+            "backward, so a norm or clip taken after it sees none (0.0) and clips nothing; "
+            "pass max_grad_norm to step_in_backward and read handle.grad_norm",
+            UserWarning, stacklevel=3)
+
+
 def gradients(params: torch.optim.Optimizer | Iterable[Tensor] | Tensor) -> list[Tensor]:
     """The gradient of each parameter that has one: ``.grad``, or where a layer keeps it
     (an INT8 weight's ``weight_grad``)."""
+    _warn_if_layerwise(params)
     out = []
     for p in _parameters(params):
         grad = target_of(p).grad(p)

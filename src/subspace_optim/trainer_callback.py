@@ -8,6 +8,7 @@ into the Trainer's logs and log history. Importing this module needs transformer
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
@@ -23,6 +24,19 @@ class LayerwiseGradNormCallback(TrainerCallback):
 
     def __init__(self, stepper: BackwardStepper) -> None:
         self.stepper = stepper
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if getattr(args, "max_grad_norm", 0) and self.stepper.max_grad_norm is None:
+            warnings.warn(
+                f"TrainingArguments(max_grad_norm={args.max_grad_norm}) clips nothing in "
+                "layer-wise mode: the gradients are consumed inside backward, before the "
+                "Trainer clips. Pass max_grad_norm to step_in_backward and set "
+                "TrainingArguments(max_grad_norm=0)", UserWarning, stacklevel=2)
+        elif getattr(args, "max_grad_norm", 0):
+            warnings.warn(
+                f"TrainingArguments(max_grad_norm={args.max_grad_norm}): the Trainer's clip "
+                "sees no gradient in layer-wise mode (step_in_backward clips instead); set "
+                "TrainingArguments(max_grad_norm=0)", UserWarning, stacklevel=2)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                **kwargs: Any) -> None:

@@ -141,7 +141,8 @@ class SubspaceAdamW(SubspaceOptimizer):
             state = it.state
             if "exp_avg" not in state:
                 for name, (shape, signed) in specs.items():
-                    moments.init_moment(state, name, shape, it.low, 8, signed)
+                    moments.init_moment(state, name, shape, it.low, 8, signed,
+                                        group.get("min_8bit_size", moments.MIN_8BIT_SIZE))
             if state["exp_avg"].dtype != torch.uint8:
                 plain.append(it)
                 continue

@@ -181,7 +181,8 @@ def load_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None
         specs, state = item.specs, item.state
         if any(name not in state for name in specs):
             for name, (shape, signed) in specs.items():
-                moments.init_moment(state, name, shape, item.low, bits, signed)
+                moments.init_moment(state, name, shape, item.low, bits, signed,
+                                    group.get("min_8bit_size", moments.MIN_8BIT_SIZE))
         if bits is None:  # stored in the gradient's dtype: the rule updates them in place
             item.moments = loaded = {name: state[name] for name in specs}
             for m in loaded.values():
@@ -204,7 +205,8 @@ def store_moments(opt: SubspaceOptimizer, items: list[Item], group: dict) -> Non
             value = item.moments[name]
             if bits is None and state[name] is value:  # updated in place: nothing to store
                 continue
-            moments.store_moment(state, name, value, bits, signed)
+            moments.store_moment(state, name, value, bits, signed,
+                                 group.get("min_8bit_size", moments.MIN_8BIT_SIZE))
 
 
 def finish(opt: SubspaceOptimizer, items: list[Item], group: dict) -> None:

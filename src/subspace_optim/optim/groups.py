@@ -13,7 +13,7 @@ import difflib
 import warnings
 from collections.abc import Iterable
 
-from .._validate import check_bool, check_choice, check_number, is_int
+from .._validate import check_bool, check_choice, check_number, check_positive_int, is_int
 from ..projectors.base import get_projector, matrix_shape, registered_group_keys
 from . import moments
 
@@ -24,7 +24,8 @@ TORCH_GROUP_KEYS = frozenset({
 })
 # Keys of this library that every optimizer class reads.
 LIBRARY_GROUP_KEYS = frozenset({"rank", "projector", "state_bits", "skip_nonfinite",
-                                "foreach", "fused", "maximize", "capturable", "differentiable"})
+                                "foreach", "fused", "maximize", "capturable", "differentiable",
+                                "min_8bit_size"})
 # A ratio of difflib's SequenceMatcher at or above this is a near miss; 0.8 catches one
 # wrong or swapped letter in keys of 5+ letters while leaving e.g. "lr_scale" (0.77 from
 # "scale") alone.
@@ -95,6 +96,8 @@ def validate_common(group: dict) -> None:
     group.setdefault("state_bits", None)
     group.setdefault("skip_nonfinite", False)
     check_choice(group, "state_bits", moments.STATE_BITS)
+    if "min_8bit_size" in group:
+        check_positive_int(group, "min_8bit_size")
     check_bool(group, "skip_nonfinite")
     check_number(group, "weight_decay", 0.0, label="weight_decay value")
     for flag in ("foreach", "fused"):
@@ -119,6 +122,7 @@ def prepare_projected_group(group: dict, default_projector: str, rank_must_fit: 
     projector.validate_group(group)
     if not rank_must_fit:
         return
+    full = []
     for p in group["params"]:
         if p.dim() < 2 or p.numel() == 0:  # vectors and empty tensors are not projected
             continue
@@ -129,3 +133,12 @@ def prepare_projected_group(group: dict, default_projector: str, rank_must_fit: 
                 f"of shape {tuple(p.shape)} (projected as a {m}x{n} matrix); use rank <= "
                 f"{min(m, n)} or move this parameter to a group without 'rank'"
             )
+        if rank == min(m, n):
+            full.append(tuple(p.shape))
+    if full:
+        warnings.warn(
+            f"rank {rank} is not below the smaller dimension of {len(full)} parameter(s) "
+            f"(shapes {full[:3]}{' ...' if len(full) > 3 else ''}): projected, each keeps "
+            "more optimizer state than AdamW (moments of its full size plus a basis) for the "
+            "same update; move them to a group without 'rank' (subspace_optim.param_groups "
+            "does)", UserWarning, stacklevel=6)

@@ -70,7 +70,8 @@ def transition_moments(projector: Projector, state: dict, group: dict, names: li
                 value = value.abs()
         else:
             continue
-        moments.store_moment(state, name, value, bits, signed)
+        moments.store_moment(state, name, value, bits, signed,
+                             group.get("min_8bit_size", moments.MIN_8BIT_SIZE))
 
 
 def _reproject_scale_safe(projector: Projector, old_basis: Any, basis: Any, moment: Tensor,

@@ -9,8 +9,8 @@ update. ``state_bits``:
 * ``16``: bfloat16 storage, float32 arithmetic;
 * ``8``: block-wise 8-bit codes (block 256, dynamic map) plus one float32 absmax per block,
   under the key ``<name>_absmax``; float32 arithmetic on the dequantised values. Moments of
-  fewer than 4096 elements stay float32, as bitsandbytes does (quantising them saves
-  little and costs accuracy).
+  fewer than 4096 elements (the group key ``min_8bit_size``) stay float32, as bitsandbytes
+  does (quantising them saves little and costs accuracy).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def compute_dtype(bits: int | None, grad: Tensor) -> torch.dtype:
 
 
 def init_moment(state: dict, name: str, shape: tuple[int, ...], grad: Tensor,
-                bits: int | None, signed: bool) -> None:
+                bits: int | None, signed: bool, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
     zeros = torch.zeros(shape, dtype=compute_dtype(bits, grad), device=grad.device)
-    store_moment(state, name, zeros, bits, signed)
+    store_moment(state, name, zeros, bits, signed, min_8bit_size)
 
 
 def load_moment(state: dict, name: str, bits: int | None, signed: bool) -> Tensor:
@@ -44,8 +44,9 @@ def load_moment(state: dict, name: str, bits: int | None, signed: bool) -> Tenso
     return stored
 
 
-def store_moment(state: dict, name: str, value: Tensor, bits: int | None, signed: bool) -> None:
-    if bits == 8 and value.numel() >= MIN_8BIT_SIZE:
+def store_moment(state: dict, name: str, value: Tensor, bits: int | None, signed: bool,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
+    if bits == 8 and value.numel() >= min_8bit_size:
         state[name], state[name + ABSMAX] = quantize_blockwise_8bit(value, signed)
     elif bits == 16:
         state[name] = value.to(torch.bfloat16)
