@@ -62,7 +62,7 @@ def test_paper_model_shapes():
     ("training.dtype=fp8", r"training.dtype must be one of"),
     ("data.source=web", r"data.source must be one of"),
     ("model=llama_3b", r"unknown model config 'llama_3b'"),
-    ("optimizer.target_modules=attn", r"optimizer.target_modules must be a list"),
+    ("optimizer.target_modules=5", r"optimizer.target_modules must be a list, got 5"),
     ("training", r"expected key=value"),
 ])
 def test_bad_overrides_name_the_key(override, match):

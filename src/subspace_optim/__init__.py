@@ -27,6 +27,7 @@ from .optim import (
     SubspaceOptimizer,
 )
 from .projectors import Projector, get_projector, register_projector, registered_projectors
+from .report import state_report
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "param_groups",
     "register_projector",
     "registered_projectors",
+    "state_report",
     "step_in_backward",
     "unscale_",
 ]

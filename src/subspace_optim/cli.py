@@ -36,6 +36,8 @@ def train(
     resume: Annotated[Path | None, typer.Option(
         help="Continue the run in this directory from its latest checkpoint.")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Print the optimizer's state per parameter at the end.")] = False,
 ) -> None:
     """Train a language model. With no argument: the tiny LLaMA on the Python standard
     library, with GaLore, on the CPU in a few minutes."""
@@ -87,7 +89,7 @@ def train(
         console.print(f"[bold]run[/bold] {run_dir}  optimizer [bold]{cfg.optimizer.name}[/bold]"
                       f"  model [bold]{cfg.model}[/bold]  data [bold]{cfg.data.source}[/bold]")
         result = run(cfg, run_dir, resume=resume is not None, progress=progress,
-                     say=console.print)
+                     say=console.print, verbose=verbose)
     except (ConfigError, CheckpointError, MissingDependency, FileNotFoundError) as error:
         if par is not None:
             teardown(par)
@@ -115,6 +117,8 @@ def train(
     for key, value in summary_rows(run_dir):
         table.add_row(key, value)
     console.print(table)
+    if result.state_table:
+        console.print(result.state_table, markup=False, highlight=False)
     console.print(f"loss curves: {plot}")
     if result.skipped_steps:
         console.print(f"[yellow]{result.skipped_steps} step(s) had a NaN or inf gradient; "
@@ -129,7 +133,8 @@ def train(
 @app.command()
 def memory(
     config: Annotated[str, typer.Argument(
-        help="A train config: a name in [bold]configs/train/[/bold] or a YAML path.")] = "default",
+        help="A train config (a name in [bold]configs/train/[/bold] or a YAML path), or a "
+             "Hugging Face model's [bold]config.json[/bold] (or its directory).")] = "default",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a value: [bold]section.key=value[/bold] (YAML), repeatable.")
     ] = None,
@@ -144,12 +149,17 @@ def memory(
     from rich.console import Console
     from rich.table import Table
 
-    from .train.config import ConfigError, load_config
+    from .train.config import ConfigError, hf_model_overrides, hf_model_path, load_config
     from .train.planner import KEYS, fits, plan
 
     console = Console()
     try:
-        cfg = load_config(config, set_ or [])
+        hf = hf_model_path(config)
+        if hf is not None:
+            cfg = load_config(None, [*hf_model_overrides(hf), *(set_ or [])])
+            cfg.model = hf.parent.name or str(hf)
+        else:
+            cfg = load_config(config, set_ or [])
         if gpu_gib is not None and not gpu_gib > 0:
             raise ConfigError(f"--gpu-gib must be a number > 0, got {gpu_gib}")
         result = plan(cfg)

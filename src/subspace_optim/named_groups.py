@@ -114,16 +114,19 @@ def _rank_of(rank: Any, shape: tuple[int, int]) -> int:
 
 
 def param_groups(model: nn.Module, target_modules: str | Iterable[str] | Mapping,
-                 *, no_decay: bool = True, **group_keys) -> list[dict]:
+                 *, no_decay: bool = True, require_rank: bool = True,
+                 **group_keys) -> list[dict]:
     """Param groups for ``model``: the full-rank parameters (those exempt from weight decay
     in a group of their own with ``weight_decay`` 0, unless ``no_decay=False``), then one
     projected group per pattern of a dict (or one for a string or list) with
     ``group_keys`` (e.g. ``rank=128, update_proj_gap=200, scale=0.25``) updated by the
     pattern's own. Empty groups are left out. See the module docstring for the patterns,
-    frozen parameters, small matrices and a fractional rank."""
+    frozen parameters, small matrices and a fractional rank. ``require_rank=False`` makes
+    the matched weights a group of their own without ``rank`` (a full-rank baseline with
+    their own keys, e.g. another lr)."""
     targets = _targets(target_modules)
     for _, keys in targets:
-        if "rank" not in {**group_keys, **keys}:
+        if require_rank and "rank" not in {**group_keys, **keys}:
             raise ValueError("param_groups needs rank=... (the projected group's rank); "
                              "without it the optimizer trains every parameter full rank")
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -149,7 +152,7 @@ def param_groups(model: nn.Module, target_modules: str | Iterable[str] | Mapping
             if not trainable:
                 break  # frozen: in no group
             shape = matrix_shape(weight.shape)
-            rank = _rank_of({**group_keys, **keys}["rank"], shape)
+            rank = _rank_of({**group_keys, **keys}.get("rank"), shape)
             if isinstance(rank, int) and rank >= min(shape):
                 too_small.append(f"{name} {tuple(weight.shape)}")
                 seen.discard(id(weight))  # full rank, with the rest
@@ -183,5 +186,8 @@ def param_groups(model: nn.Module, target_modules: str | Iterable[str] | Mapping
     if quiet:
         groups.append({"params": quiet, "weight_decay": 0.0})
     for (index, rank), params in projected.items():
-        groups.append({"params": params, **group_keys, **targets[index][1], "rank": rank})
+        group = {"params": params, **group_keys, **targets[index][1]}
+        if rank is not None:
+            group["rank"] = rank
+        groups.append(group)
     return groups

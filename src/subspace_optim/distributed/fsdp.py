@@ -143,7 +143,8 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor) -> Ite
     if gathered:
         specs = opt._moment_specs((m, rank) if side == Side.RIGHT else (rank, n), group)
         basis, low = lifecycle.project(projector, state, group, full, side, due, specs,
-                                       opt.reprojectable_moments)
+                                       opt.reprojectable_moments,
+                                       opt.refresh_observer(p, step, group) if due else None)
         weight = gather_rows(weight_local.reshape(shard.rows, n), shard, shape)
         return Item(p, state, GatheredTarget(shard), weight, weight, False, full, low, basis,
                     side, due, step, True, specs, projector=projector)
@@ -155,7 +156,8 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor) -> Ite
         # Stored moments are this rank's rows (right) or replicated (left); the projector's
         # transition acts row by row on the right, so it runs on them as they are.
         basis, low = lifecycle.refresh(projector, state, group, full, side, specs,
-                                       opt.reprojectable_moments)
+                                       opt.reprojectable_moments,
+                                       opt.refresh_observer(p, step, group))
         if side == Side.RIGHT:
             low = low[shard.offset:shard.offset + shard.rows]
     else:

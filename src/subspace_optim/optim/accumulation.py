@@ -45,7 +45,8 @@ def accumulate(opt: SubspaceOptimizer, p: Tensor, grad: Tensor, group: dict,
     due = start and projector.needs_refresh(state, group, state["step"])
     specs = opt._moment_specs(projected_shape(shape, group["rank"], side), group)
     _, low = lifecycle.project(projector, state, group, g, side, due, specs,
-                               opt.reprojectable_moments)
+                               opt.reprojectable_moments,
+                               opt.refresh_observer(p, state["step"], group) if due else None)
     if start:
         state["window_grad"] = low  # a new tensor: projections never alias grad
         state["window_refreshed"] = due

@@ -22,7 +22,7 @@ decided on the host, and no update here is differentiable.
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -123,6 +123,11 @@ class SubspaceOptimizer(Optimizer):
         self._nonfinite_skips = 0
         # The projection keys each group held when last checked (``_check_group_keys``).
         self._group_keys: dict[int, tuple] = {}
+        # Refreshes seen by this process (not in the state dict): per parameter (count, last
+        # step, last seconds), the total, and the hooks (``register_refresh_hook``).
+        self._refresh_log: dict[int, tuple[int, int, float]] = {}  # by id(p)
+        self._refresh_total = 0
+        self._refresh_hooks: OrderedDict[int, Callable] = OrderedDict()
         defaults = {**defaults, "foreach": foreach, "fused": fused, "maximize": maximize}
         defaults.setdefault("skip_nonfinite", False)
         # Hyperparameters are checked before the parameters, as torch's optimizers do, so
@@ -142,6 +147,10 @@ class SubspaceOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_default_projector"] = self._default_projector
+        # A log keyed by the parameters' ids and hooks belong to this object; a copy starts
+        # its own.
+        for key in ("_refresh_log", "_refresh_hooks"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -159,6 +168,9 @@ class SubspaceOptimizer(Optimizer):
         self.__dict__.setdefault("_pending_clip_norm", None)
         self.__dict__.setdefault("_nonfinite_skips", 0)
         self.__dict__["_group_keys"] = {}  # groups may be new dicts: taken afresh
+        self.__dict__.setdefault("_refresh_log", {})
+        self.__dict__.setdefault("_refresh_total", 0)
+        self.__dict__.setdefault("_refresh_hooks", OrderedDict())
         for key, value in (("skip_nonfinite", False), ("foreach", None), ("fused", None),
                            ("maximize", False)):
             self.defaults.setdefault(key, value)
@@ -215,6 +227,51 @@ class SubspaceOptimizer(Optimizer):
         if fused:
             return "fused"
         return "reference" if group.get("foreach") is False else "foreach"
+
+    # ------------------------------------------------------------------ refreshes
+    @property
+    def refresh_count(self) -> int:
+        """How many subspace refreshes (SVDs, selections, resamples) this process ran."""
+        return self._refresh_total
+
+    def register_refresh_hook(self, hook: Callable[..., None]) -> Any:
+        """Call ``hook(name, step, projector, seconds)`` after every refresh: the
+        parameter's name (``param_names`` of its group, as torch's ``named_parameters``
+        give them) or its 1-based index, the 0-based step it refreshed at, the projector's
+        name and the refresh's cost in seconds (measured on the host; on a GPU after
+        synchronising). Returns a handle with ``remove()``."""
+        from torch.utils.hooks import RemovableHandle
+
+        handle = RemovableHandle(self._refresh_hooks)
+        self._refresh_hooks[handle.id] = hook
+        return handle
+
+    def last_refresh(self, p: Tensor) -> tuple[int, int, float] | None:
+        """``(refreshes, last step, last seconds)`` of ``p`` in this process, or None."""
+        return self._refresh_log.get(id(p))
+
+    def refresh_observer(self, p: Tensor, step: int, group: dict) -> Callable[[float], None]:
+        """What a refresh of ``p`` at ``step`` reports its cost to (see the hook)."""
+        def observe(seconds: float) -> None:
+            count = self._refresh_log.get(id(p), (0, None, None))[0]
+            self._refresh_log[id(p)] = (count + 1, step, seconds)
+            self._refresh_total += 1
+            if self._refresh_hooks:
+                name = self.param_name(p)
+                for hook in list(self._refresh_hooks.values()):
+                    hook(name, step, group.get("projector"), seconds)
+        return observe
+
+    def param_name(self, p: Tensor) -> str | int:
+        """``p``'s name from its group's ``param_names`` (torch's named parameters), or
+        its 1-based index in the optimizer."""
+        for group in self.param_groups:
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    if names is not None and i < len(names):
+                        return names[i]
+        return self._param_index(p)
 
     # ------------------------------------------------------------------ group keys changed
     def check_group_changes(self, group: dict) -> None:

@@ -129,7 +129,9 @@ def prepare(opt: SubspaceOptimizer, p: Tensor, group: dict, grad: Tensor | None,
             basis, low = projector.basis(state, group, g, side), None
         else:
             basis, low = lifecycle.project(projector, state, group, g, side, refreshed,
-                                           specs, opt.reprojectable_moments)
+                                           specs, opt.reprojectable_moments,
+                                           opt.refresh_observer(p, step, group)
+                                           if refreshed else None)
     else:
         basis, low = projector.basis(state, group, g, side), window
     return Item(p, state, target, weight, matrix, copy_back, g, low, basis, side, refreshed,

@@ -8,6 +8,8 @@ the host, by design); a steady step calls only ``basis`` and ``project``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +27,24 @@ computed: dict[int, dict[str, Any]] = {}
 @torch.compiler.disable
 def refresh(projector: Projector, state: dict, group: dict, g: Tensor, side: Side,
             moment_specs: dict[str, tuple[tuple[int, ...], bool]],
-            reprojectable: frozenset[str]) -> tuple[Any, Tensor]:
+            reprojectable: frozenset[str],
+            on_refresh: Callable[[float], None] | None = None) -> tuple[Any, Tensor]:
     """Compute a new subspace from ``g`` and move the stored moments as the projector's
-    moment policy says; returns ``(basis, projected gradient)``."""
+    moment policy says; returns ``(basis, projected gradient)``. ``on_refresh`` is called
+    with the refresh's wall time in seconds (on a GPU after synchronising, so the time is
+    the work's)."""
+    start = time.perf_counter()
+    basis, low = _refresh(projector, state, group, g, side, moment_specs, reprojectable)
+    if on_refresh is not None:
+        if g.device.type == "cuda":
+            torch.cuda.synchronize(g.device)
+        on_refresh(time.perf_counter() - start)
+    return basis, low
+
+
+def _refresh(projector: Projector, state: dict, group: dict, g: Tensor, side: Side,
+             moment_specs: dict[str, tuple[tuple[int, ...], bool]],
+             reprojectable: frozenset[str]) -> tuple[Any, Tensor]:
     policy = projector.moment_policy(group)
     stored = [name for name in moment_specs if name in state]
     old_basis = None
@@ -93,9 +110,11 @@ def _reproject_scale_safe(projector: Projector, old_basis: Any, basis: Any, mome
 
 
 def project(projector: Projector, state: dict, group: dict, g: Tensor, side: Side,
-            due: bool, moment_specs: dict, reprojectable: frozenset[str]) -> tuple[Any, Tensor]:
+            due: bool, moment_specs: dict, reprojectable: frozenset[str],
+            on_refresh: Callable[[float], None] | None = None) -> tuple[Any, Tensor]:
     """``(basis, projected gradient)`` of this step, refreshing first when ``due``."""
     if due:
-        return refresh(projector, state, group, g, side, moment_specs, reprojectable)
+        return refresh(projector, state, group, g, side, moment_specs, reprojectable,
+                       on_refresh)
     basis = projector.basis(state, group, g, side)
     return basis, projector.project(basis, g, side)

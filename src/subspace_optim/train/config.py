@@ -32,6 +32,8 @@ class ModelConfig:
     intermediate_size: int = 344
     max_position_embeddings: int = 1024
     rms_norm_eps: float = 1e-6
+    # Grouped-query attention: key/value heads (None: as many as attention heads).
+    num_key_value_heads: int | None = None
     # A local Hugging Face checkpoint directory to fine-tune instead of a fresh model.
     pretrained: str | None = None
 
@@ -56,7 +58,10 @@ class OptimizerConfig:
     name: str = "GaLoreAdamW"  # any optimizer class of subspace_optim
     lr: float = 0.01
     weight_decay: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
+    # Linear layers to project: names or patterns (transformers' rule), or a mapping of
+    # patterns to their own group keys or rank ({self_attn: {rank: 4}, mlp: 16}).
+    target_modules: list[str] | dict[str, Any] = field(
+        default_factory=lambda: ["self_attn", "mlp"])
     group: dict[str, Any] = field(default_factory=dict)  # keys of the projected group
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
 
@@ -184,10 +189,18 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key, where)
+        first = None
+        for arg in args:  # the first type that takes the value
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as error:
+                first = first or error
+        raise first
     if hint is Any:
         return value
     if origin is list:
+        if isinstance(value, str) and typing.get_args(hint) == (str,):
+            value = [value]  # one path or pattern where a list is expected
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
@@ -317,6 +330,49 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+# Hugging Face config.json keys -> this config's, for LLaMA-shaped models.
+HF_KEYS = {"hidden_size": "model_config.hidden_size",
+           "num_hidden_layers": "model_config.num_hidden_layers",
+           "num_attention_heads": "model_config.num_attention_heads",
+           "intermediate_size": "model_config.intermediate_size",
+           "vocab_size": "data.vocab_size"}
+HF_OPTIONAL = {"num_key_value_heads": "model_config.num_key_value_heads",
+               "max_position_embeddings": "model_config.max_position_embeddings",
+               "rms_norm_eps": "model_config.rms_norm_eps"}
+
+
+def hf_model_path(name: str) -> Path | None:
+    """The ``config.json`` that ``name`` points to (the file, or a directory holding one),
+    or ``None`` when it names a train config."""
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").exists():
+        return path / "config.json"
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ConfigError(f"{path} not found")
+        return path
+    return None
+
+
+def hf_model_overrides(path: Path) -> list[str]:
+    """``--set`` items that give a run the shape of the Hugging Face model ``path``
+    describes (a LLaMA-shaped decoder: hidden size, layers, heads, key/value heads, MLP
+    width, vocabulary)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: not a readable JSON config ({error})") from None
+    missing = [k for k in HF_KEYS if k not in data]
+    if missing:
+        raise ConfigError(f"{path}: a LLaMA-shaped config needs {missing} (model_type "
+                          f"{data.get('model_type')!r}); the planner models decoders with "
+                          "LLaMA's attention and gated MLP")
+    items = [f"{ours}={data[theirs]}" for theirs, ours in HF_KEYS.items()]
+    items += [f"{ours}={data[theirs]}" for theirs, ours in HF_OPTIONAL.items()
+              if data.get(theirs) is not None]
+    return items
 
 
 # What --resume may change: when and how often the run evaluates, saves and logs, and how

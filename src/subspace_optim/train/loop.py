@@ -116,6 +116,8 @@ class RunResult:
     already_finished: bool = False
     # The exit status of an interrupted run: 130 (SIGINT) or 143 (SIGTERM).
     exit_status: int = 130
+    # The per-parameter table of the optimizer's state at the end (``verbose``).
+    state_table: str | None = None
 
 
 def run_directory(cfg: RunConfig, config_name: str) -> Path:
@@ -149,7 +151,8 @@ def run_directory(cfg: RunConfig, config_name: str) -> Path:
 def _new_window() -> dict[str, float]:
     """The running sums of one logging window; saved in checkpoints, so that a resumed run
     logs exactly the records the uninterrupted run logs."""
-    return {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "skipped": 0}
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "skipped": 0,
+            "refreshes": 0}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -199,7 +202,7 @@ def _check_resumed_config(cfg: RunConfig, saved: dict | None, run_dir: Path) -> 
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, say=None) -> RunResult:
+          stop_after: int | None = None, say=None, verbose: bool = False) -> RunResult:
     """Train as ``cfg`` says, writing into ``run_dir``. ``stop_after`` ends the run after that
     many steps with a checkpoint, as an interruption would (used by tests).
 
@@ -207,7 +210,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     checkpoint never holds a half-applied step); a second Ctrl-C stops at once without
     saving; SIGTERM is taken the same way (exit status 143). A run that fails or is
     stopped before its first step leaves no directory. ``say``: where to print notices
-    (resuming from step N). One process trains a run directory at a time (a lock)."""
+    (resuming from step N). One process trains a run directory at a time (a lock).
+    ``verbose``: the result carries the per-parameter table of the optimizer's state."""
     say = say or (lambda message: None)
     par = parallel.setup(cfg)
     existed = run_dir.exists()
@@ -223,7 +227,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         remove_temporary_files(run_dir)
         remove_temporary_files(run_dir / "checkpoints")
     try:
-        return _train(cfg, run_dir, resume, progress, stop_after, say, par, existed)
+        return _train(cfg, run_dir, resume, progress, stop_after, say, par, existed, verbose)
     except BaseException:
         # Failed before anything was saved (data, model, a bad checkpoint): leave no
         # directory that was not there.
@@ -236,7 +240,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
-           stop_after: int | None, say, par, existed: bool) -> RunResult:
+           stop_after: int | None, say, par, existed: bool, verbose: bool) -> RunResult:
     t = cfg.training
     ckpt = None
     if resume:
@@ -326,6 +330,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
             "lr": scheduler.get_last_lr()[-1],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "skipped_steps": window["skipped"],
+            "refreshes": window.get("refreshes", 0),
             "tokens_per_s": tokens_per_s,
             "peak_memory_bytes": _peak_memory(device),
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
@@ -346,6 +351,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
                 while step < end and not parallel.any_rank(par, interrupt.requested):
                     began = time.perf_counter()
                     skips = optimizer.nonfinite_skips
+                    refreshes = optimizer.refresh_count
                     loss_sum = 0.0
                     for micro in range(t.accumulation_steps):
                         batch = parallel.local_batch(
@@ -375,6 +381,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
                     skipped = optimizer.nonfinite_skips > skips
                     history["skipped_steps"] += skipped
                     window["skipped"] += skipped
+                    window["refreshes"] = (window.get("refreshes", 0)
+                                           + optimizer.refresh_count - refreshes)
                     window["loss"] += loss_sum
                     window["steps"] += 1
                     window["seconds"] += time.perf_counter() - began
@@ -401,8 +409,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
         shutil.rmtree(run_dir, ignore_errors=True)
     if stepper is not None:
         stepper.remove()
+    table = None
+    if verbose:
+        from ..report import state_report
+
+        table = str(state_report(optimizer, model))
     return RunResult(run_dir, step, history["val"][0]["val_ppl"], history["val"][-1]["val_ppl"],
-                     interrupted, history["skipped_steps"], exit_status=exit_status)
+                     interrupted, history["skipped_steps"], exit_status=exit_status,
+                     state_table=table)
 
 
 def _log(handle, record: dict[str, Any]) -> None:

@@ -4,7 +4,6 @@ loaded from a local checkpoint directory; optional INT8 weights."""
 from __future__ import annotations
 
 import inspect
-import re
 from pathlib import Path
 
 import torch
@@ -33,14 +32,14 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
             intermediate_size=mc.intermediate_size,
             num_hidden_layers=mc.num_hidden_layers,
             num_attention_heads=mc.num_attention_heads,
-            num_key_value_heads=mc.num_attention_heads,
+            num_key_value_heads=mc.num_key_value_heads or mc.num_attention_heads,
             max_position_embeddings=mc.max_position_embeddings,
             rms_norm_eps=mc.rms_norm_eps,
             tie_word_embeddings=False,
         )
         model = transformers.LlamaForCausalLM(config)
     if cfg.training.int8_weights:
-        quantize_linear_layers(model, cfg.optimizer.target_modules)
+        quantize_linear_layers(model, list(cfg.optimizer.target_modules))
     if cfg.training.activation_checkpointing:
         # transformers 5 renamed the switch; older releases only have the first name.
         enable = getattr(model, "activation_checkpointing_enable", None) or \
@@ -50,23 +49,22 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
 
 
 def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
-    """Two groups: the weights of ``nn.Linear`` (or INT8) modules whose name matches a target
-    pattern get the projected group's keys; everything else is updated at full rank."""
-    patterns = cfg.optimizer.target_modules
-    targets = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and \
-                any(re.search(p, name) for p in patterns) and name != "lm_head" and \
-                not isinstance(module, torch.nn.Embedding):
-            targets.append(weight)
-    if patterns and not targets:
-        raise ConfigError(f"optimizer.target_modules {patterns!r} match no linear layer")
-    rest = [p for p in model.parameters() if p.requires_grad and all(p is not t for t in targets)]
-    groups = [{"params": rest}]
-    if targets:
-        groups.append({"params": targets, **cfg.optimizer.group})
-    return groups
+    """The library's ``param_groups``: the linear layers ``optimizer.target_modules``
+    matches, projected with ``optimizer.group``'s keys (a mapping of patterns adds its own);
+    norms and biases without weight decay; everything else full rank. Without any group
+    key nothing is projected: one full-rank group."""
+    from ..named_groups import param_groups as named_param_groups
+
+    targets = cfg.optimizer.target_modules
+    keyed = isinstance(targets, dict) and all(isinstance(v, dict) and "rank" in v or
+                                              isinstance(v, (int, float))
+                                              for v in targets.values())
+    if not cfg.optimizer.group and not keyed:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    try:
+        return named_param_groups(model, targets, require_rank=False, **cfg.optimizer.group)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"optimizer.target_modules: {error}") from None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -84,8 +82,6 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     if "weight_decay" in inspect.signature(cls).parameters:
         kwargs["weight_decay"] = oc.weight_decay
     groups = param_groups(model, cfg)
-    if not oc.group and len(groups) > 1:  # no group keys at all: one full-rank group
-        groups = [{"params": [p for g in groups for p in g["params"]]}]
     try:
         return cls(groups, **kwargs)
     except (TypeError, ValueError) as error:
