@@ -142,6 +142,12 @@ PROJECTORS = {
                     ({"seed": -3}, r"Invalid seed: -3")),
         # int16 indices, an fp32 scale each, and the seed.
         state_bound=lambda m, n, r: 2 * r + 4 * r + 8, orthonormal=frozenset({"topk"})),
+    "apollo": ProjectorRecord(
+        "apollo", "ApolloAdamW", {"default": {}, "torch": {"generator": "torch"}},
+        bad_values=(({"generator": "numpy"}, r"Invalid generator: 'numpy'"),
+                    ({"seed": -1}, r"Invalid seed: -1")),
+        # The seed, and ApolloAdamW's limiter norm (one float32).
+        state_bound=lambda m, n, r: 8 + 4),
     "q_galore": ProjectorRecord(
         "q_galore", "QGaLoreAdamW", {"default": {}, "8bit": {"quant_n_bit": 8}},
         small={"quant_group_size": 64},
@@ -170,6 +176,9 @@ OPTIMIZERS = {
         OptimizerRecord(so.GaLoreAdafactor, "adafactor",
                         kwargs={"lr": 1e-2, "relative_step": False, "scale_parameter": False}),
         OptimizerRecord(so.SubspaceLion, "lion"),
+        OptimizerRecord(so.ApolloAdamW, "adamw"),
+        OptimizerRecord(so.ApolloMiniAdamW, "adamw"),
+        OptimizerRecord(so.FiraAdamW, "adamw"),
         OptimizerRecord(so.FloraAdafactor, "flora_adafactor", state_bits=(None,),
                         kwargs={"lr": 1e-2}, any_projector=False, build=_flora_adafactor),
     ]

@@ -11,7 +11,10 @@ from .layerwise import BackwardStepper, step_in_backward
 from .memory import optimizer_state_bytes
 from .named_groups import param_groups
 from .optim import (
+    ApolloAdamW,
+    ApolloMiniAdamW,
     DCTAdamW,
+    FiraAdamW,
     FloraAdafactor,
     FloraAdamW,
     GaLoreAdafactor,
@@ -32,7 +35,10 @@ from .report import state_report
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApolloAdamW",
+    "ApolloMiniAdamW",
     "BackwardStepper",
+    "FiraAdamW",
     "DCTAdamW",
     "FloraAdafactor",
     "FloraAdamW",

@@ -2,6 +2,7 @@
 
 from .adafactor import GaLoreAdafactor, SubspaceAdafactor
 from .adamw import GaLoreAdamW, SubspaceAdamW
+from .apollo import ApolloAdamW, ApolloMiniAdamW, FiraAdamW
 from .base import SubspaceOptimizer
 from .eightbit import GaLoreAdamW8bit, QGaLoreAdamW8bit
 from .flora_adafactor import FloraAdafactor
@@ -9,7 +10,10 @@ from .lion import SubspaceLion
 from .methods import DCTAdamW, FloraAdamW, GrassAdamW, OnlineSubspaceAdamW, QGaLoreAdamW
 
 __all__ = [
+    "ApolloAdamW",
+    "ApolloMiniAdamW",
     "DCTAdamW",
+    "FiraAdamW",
     "FloraAdafactor",
     "FloraAdamW",
     "GaLoreAdafactor",

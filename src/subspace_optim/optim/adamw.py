@@ -85,10 +85,15 @@ class SubspaceAdamW(SubspaceOptimizer):
             "convention": convention,
             "state_bits": state_bits,
             "skip_nonfinite": skip_nonfinite,
+            **self._extra_defaults(),
         }
         super().__init__(params, defaults, projector=projector, foreach=foreach, fused=fused,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Group keys a subclass's rule adds (with their defaults)."""
+        return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -95,6 +95,9 @@ class SubspaceOptimizer(Optimizer):
     # rule that reduces across rows (Adafactor) works on gathered tensors
     # (``distributed.fsdp``).
     shard_local_rule: bool = True
+    # Whether the rule needs the full gradient of the step at update time (APOLLO, Fira):
+    # accumulation windows, which keep only its projection, are refused.
+    needs_full_gradient: bool = False
     # Group keys a state dict of an older release may lack (filled in from the defaults).
     optional_group_keys: frozenset[str] = frozenset({"state_bits", "skip_nonfinite",
                                                      "foreach", "fused", "maximize"})
@@ -418,6 +421,7 @@ class SubspaceOptimizer(Optimizer):
         """Add ``grad``, projected, to ``p``'s accumulation window (``start``: the window's
         first micro-batch, where its subspace is fixed and a due refresh happens)."""
         group = group or self.group_of(p)
+        self._refuse_windows()
         if start:
             self.check_group_changes(group)
         accumulation.accumulate(self, p, grad, group, start)
@@ -426,7 +430,16 @@ class SubspaceOptimizer(Optimizer):
     def add_projected_gradient(self, p: Tensor, low: Tensor) -> None:
         """Deposit a gradient that arrives already projected (Grass's sparse layer) into
         ``p``'s window, where ``step`` (or the backward stepper) takes it."""
+        self._refuse_windows()
         accumulation.add_projected(self, p, low)
+
+    def _refuse_windows(self) -> None:
+        if self.needs_full_gradient:
+            raise RuntimeError(
+                f"{type(self).__name__} scales the full gradient of the step, which an "
+                "accumulation window (step_in_backward with accumulation_steps > 1) or a "
+                "layer that forms only projected rows (GrassLinear) does not keep: use "
+                "accumulation_steps=1 and plain linear layers")
 
     def take_window(self, p: Tensor) -> tuple[Tensor, bool] | None:
         """Remove ``p``'s finished window from its state: ``(projected gradient,

@@ -33,7 +33,7 @@ FOREIGN_GROUP_KEYS = frozenset({"amsgrad", "decoupled_weight_decay", "nesterov",
 # State keys this library writes besides the rule's moments (``<moment>_absmax`` for 8-bit
 # states) and the projector's ``proj_*`` keys.
 COMMON_STATE_KEYS = frozenset({"step", "sr_seed", "micro_step", "window_grad",
-                               "window_refreshed", "window_skip"})
+                               "window_refreshed", "window_skip", "limiter_norm"})
 PLAIN_TYPES = (int, float, bool, str, type(None))
 
 

@@ -2,7 +2,8 @@
 
 # Importing each module registers its projector under its group-key name.
 from ..ops.flora import flora_basis
-from . import dct, flora, grass, online_pca, q_galore, svd  # noqa: F401
+from . import apollo, dct, flora, grass, online_pca, q_galore, svd  # noqa: F401
+from .apollo import ApolloProjector
 from .base import (
     KEEP,
     MOMENT_POLICIES,
@@ -27,6 +28,7 @@ from .q_galore import QGaLoreProjector
 from .svd import SVDProjector, top_singular_basis
 
 __all__ = [
+    "ApolloProjector",
     "DCTProjector",
     "FloraProjector",
     "GrassProjector",

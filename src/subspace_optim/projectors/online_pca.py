@@ -30,7 +30,7 @@ from torch import Tensor
 from .._validate import check_choice, check_number
 from ..rules.adamw import adamw_update
 from .base import MatrixProjector, Side, register_projector, working_dtype
-from .svd import refreshed_basis
+from .svd import SVD_DEFAULTS, refreshed_basis, validate_svd_keys
 
 VARIANTS = ("code", "paper")
 # torch.optim.AdamW's defaults, which the reference's basis optimizer uses.
@@ -64,13 +64,15 @@ class OnlinePCAProjector(MatrixProjector):
 
     name = "online_pca"
     param_dtype_state_keys = frozenset({"proj_basis"})
-    defaults = {"osd_variant": "code", "ortho_penalty": 0.1, "pca_lr_ratio": 5.0}
+    defaults = {"osd_variant": "code", "ortho_penalty": 0.1, "pca_lr_ratio": 5.0,
+                **SVD_DEFAULTS}
     # SVD once; after that the basis is learned, never recomputed.
     basis_key = "proj_basis"
     periodic = False
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)
+        validate_svd_keys(group)
         check_choice(group, "osd_variant", VARIANTS)
         check_number(group, "ortho_penalty", 0)
         check_number(group, "pca_lr_ratio", 0)
@@ -82,7 +84,7 @@ class OnlinePCAProjector(MatrixProjector):
             )
 
     def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
-        basis = refreshed_basis(state, grad, group["rank"], side)
+        basis = refreshed_basis(state, grad, group["rank"], side, group)
         if basis is None:
             return None
         state["proj_basis"] = basis.to(grad.dtype)

@@ -39,7 +39,7 @@ from .._validate import check_bool, check_choice, check_number, check_positive_i
 from ..ops.int4 import dequantized_basis
 from ..quant import quantize_groupwise
 from .base import Projector, Side, register_projector, working_dtype
-from .svd import refreshed_basis
+from .svd import SVD_DEFAULTS, refreshed_basis, validate_svd_keys
 
 
 class PackedBasis(NamedTuple):
@@ -66,7 +66,7 @@ class QGaLoreProjector(Projector):
     name = "q_galore"
     proj_types = ("std",)
     defaults = {"quant_n_bit": 4, "quant_group_size": 256, "cos_threshold": 0.4,
-                "gamma_proj": 2, "queue_size": 5, "cos_abs": False}
+                "gamma_proj": 2, "queue_size": 5, "cos_abs": False, **SVD_DEFAULTS}
     host_state_keys = frozenset({"proj_queue"})
     state_layout_keys = frozenset({"quant_n_bit", "quant_group_size", "queue_size"})
     basis_key = "proj_codes"
@@ -74,6 +74,7 @@ class QGaLoreProjector(Projector):
 
     def validate_group(self, group: dict) -> None:
         super().validate_group(group)
+        validate_svd_keys(group)
         check_choice(group, "quant_n_bit", (4, 8))
         check_positive_int(group, "quant_group_size")
         check_positive_int(group, "queue_size")
@@ -86,7 +87,7 @@ class QGaLoreProjector(Projector):
         return "proj_codes" not in state or step % int(state["proj_gap"]) == 0
 
     def refresh(self, state: dict, group: dict, grad: Tensor, side: Side) -> None:
-        new = refreshed_basis(state, grad, group["rank"], side)
+        new = refreshed_basis(state, grad, group["rank"], side, group)
         if new is None:
             return None
         new = new.to(grad.dtype)
