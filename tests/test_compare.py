@@ -96,3 +96,47 @@ def test_a_finished_run_is_kept_when_the_comparison_continues(tmp_path):
     assert _finished(done, 6) == 12.5
     assert _finished(partial, 6) is None
     assert _finished(tmp_path / "C", 6) is None
+
+
+def test_compare_takes_module_class_of_another_package(tmp_path):
+    """--optimizers accepts module:Class of an installed package, with the config's groups
+    and keys (issue 21): galore-torch's GaLoreAdamW gets the keys it reads without a default,
+    and its state is counted with its projector's basis; a name that
+    does not import says so; a near miss of a class name is suggested."""
+    pytest.importorskip("galore_torch")
+    from subspace_optim.train.compare import plan_runs
+    from subspace_optim.train.config import ConfigError, load_config
+
+    cfg = load_config(None)
+    runs = plan_runs(cfg, ["GaLoreAdamW", "galore_torch:GaLoreAdamW"], lr_sweep=False)
+    assert runs[1].name == "galore_torch-GaLoreAdamW"
+    assert any("proj_type: 'std'" in o for o in runs[1].overrides)
+    with pytest.raises(ConfigError, match="cannot import 'no_such_package'"):
+        plan_runs(cfg, ["no_such_package:AdamW"], lr_sweep=False)
+    with pytest.raises(ConfigError, match="did you mean 'GaLoreAdamW'"):
+        plan_runs(cfg, ["GaloreAdamW"], lr_sweep=False)
+
+
+def test_the_lr_grid_grows_while_the_best_run_is_at_its_end():
+    """FloraAdafactor's best run was at the top of its grid (0.03) and Lion's at the bottom:
+    their rows measured the grid. The grid grows by 3x on the side of the best run, and
+    stops once the best is inside (or after MAX_EXTENSIONS)."""
+    from subspace_optim.train.compare import MAX_EXTENSIONS, grid_extensions, plan_runs
+    from subspace_optim.train.config import load_config
+
+    cfg = load_config(None)
+    runs = plan_runs(cfg, ["SubspaceLion", "GaLoreAdamW"], lr_sweep=True)
+    lrs = sorted({r.lr for r in runs if r.optimizer == "SubspaceLion"})
+
+    def rows(ppl_of):
+        return [{"optimizer": r.optimizer, "lr": r.lr, "final_val_ppl": ppl_of(r)}
+                for r in runs]
+
+    # Lion best at the lowest lr, GaLore inside: Lion's grid grows downwards only.
+    more = grid_extensions(cfg, rows(lambda r: r.lr if r.optimizer == "SubspaceLion"
+                                     else abs(r.lr - lrs[1])), runs)
+    assert [(r.optimizer, r.lr) for r in more] == [("SubspaceLion", pytest.approx(lrs[0] / 3))]
+    for _ in range(MAX_EXTENSIONS + 2):  # always better lower: grows, then stops
+        more = grid_extensions(cfg, rows(lambda r: r.lr), runs)
+        runs.extend(more)
+    assert len({r.lr for r in runs if r.optimizer == "SubspaceLion"}) == 3 + MAX_EXTENSIONS

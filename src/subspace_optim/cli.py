@@ -204,7 +204,8 @@ def compare(
         help="Comma-separated optimizer classes; [bold]AdamW[/bold] is the full-rank "
              "baseline at the projected run's per-group learning rates.")],
     lr_sweep: Annotated[bool, typer.Option(
-        help="Run each optimizer at lr x 1/3, 1, 3 and report the best.")] = False,
+        help="Run each optimizer at lr x 1/3, 1, 3 (and further by 3x while the best is at "
+             "an end of the grid) and report the best.")] = False,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a value of every run: [bold]section.key=value[/bold].")
     ] = None,
@@ -225,7 +226,7 @@ def compare(
         TimeRemainingColumn,
     )
 
-    from .train.compare import execute, plan_runs, write_outputs
+    from .train.compare import execute, grid_extensions, plan_runs, write_outputs
     from .train.config import ConfigError, load_config
 
     console = Console()
@@ -248,9 +249,12 @@ def compare(
 
             def advance(done: int) -> None:
                 run = runs[min(done // max(cfg.training.steps, 1), len(runs) - 1)].name
-                bar.update(task, completed=done, run=run)
+                bar.update(task, completed=done, run=run,
+                           total=len(runs) * cfg.training.steps)  # the grid may grow
 
-            rows = execute(config, set_ or [], runs, out, cfg.training.steps, advance)
+            extend = (lambda rows, known: grid_extensions(cfg, rows, known)) if lr_sweep \
+                else None
+            rows = execute(config, set_ or [], runs, out, cfg.training.steps, advance, extend)
     except ConfigError as error:
         console.print(f"[bold red]error:[/bold red] {error}")
         raise typer.Exit(2) from None

@@ -16,6 +16,10 @@ def _tensor_bytes(value: Any) -> int:
         return sum(_tensor_bytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return sum(_tensor_bytes(v) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        # Another package's state may hold tensors inside objects (galore-torch's projector
+        # keeps its basis in one): counted too, so that peers compare fairly.
+        return sum(_tensor_bytes(v) for v in vars(value).values())
     return 0
 
 

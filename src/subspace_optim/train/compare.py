@@ -7,8 +7,10 @@ process's resident maximum on the CPU and the allocator's on CUDA, is the run's 
 group, ``lr`` for the rest and ``lr x scale`` for the weights the others project, since a
 comparison that gives every optimizer one learning rate measures the learning rate.
 ``--lr-sweep`` runs each optimizer at ``lr x {1/3, 1, 3}`` (both groups of the baseline
-scaled together) and reports the best by final validation perplexity. Runs already
-finished in the output folder are kept, so a comparison stopped part-way continues.
+scaled together) and reports the best by final validation perplexity; while an optimizer's
+best run lies at an end of its grid, the grid grows by another factor of 3 on that side (at
+most ``MAX_EXTENSIONS`` times), so that every reported optimum is inside its grid. Runs
+already finished in the output folder are kept, so a comparison stopped part-way continues.
 """
 
 from __future__ import annotations
@@ -28,12 +30,33 @@ from .report import read_metrics
 
 BASELINE = "AdamW"
 SWEEP = (1 / 3, 1.0, 3.0)
+MAX_EXTENSIONS = 3
 # Classes whose constructor conventions differ from the config's projected group: Adafactor
 # runs at the compared lr (no relative steps), FloraAdafactor's groups take no scale.
 ADAFACTOR_AT_LR = "optimizer.kwargs={relative_step: false, scale_parameter: false}"
 
 
+# Group keys the reference packages read without a default, from the config's: their
+# projected group then holds the same rank, gap and scale as this library's.
+PEER_GROUP_KEYS = {
+    "galore_torch": {"proj_type": "std"},
+    "apollo_torch": {"proj_type": "std", "proj": "random", "scale_type": "channel"},
+    "fira": {"proj_type": "std"},
+}
+
+
 def class_overrides(name: str, cfg: RunConfig) -> list[str]:
+    if ":" in name:
+        package = name.split(":")[0].split(".")[0]
+        extra = PEER_GROUP_KEYS.get(package)
+        if extra is None or not cfg.optimizer.group:
+            return []
+        group = {**extra, **cfg.optimizer.group}
+        if package == "fira":  # fira calls the scale alpha
+            group["alpha"] = group.pop("scale", 1.0)
+        if package in ("galore_torch", "apollo_torch", "fira"):
+            group.pop("projector", None)
+        return ["optimizer.group={" + ", ".join(f"{k}: {v!r}" for k, v in group.items()) + "}"]
     if name in ("SubspaceAdafactor", "GaLoreAdafactor"):
         return [ADAFACTOR_AT_LR]
     if name == "FloraAdafactor":
@@ -60,28 +83,66 @@ def plan_runs(cfg: RunConfig, optimizers: list[str], lr_sweep: bool) -> list[Run
              and issubclass(getattr(subspace_optim, n), subspace_optim.SubspaceOptimizer)
              and n != "SubspaceOptimizer"} | {BASELINE}
     for name in optimizers:
+        if ":" in name:  # module:Class of another installed package
+            from .model import foreign_optimizer
+
+            foreign_optimizer(name)
+            continue
         if name not in known:
-            raise ConfigError(f"--optimizers: unknown optimizer {name!r} (library classes, or "
-                              f"{BASELINE} for the full-rank baseline)")
+            from .config import suggest
+
+            raise ConfigError(f"--optimizers: unknown optimizer {name!r}"
+                              f"{suggest(name, sorted(known))}; the classes are "
+                              f"{', '.join(sorted(known))}, or module:Class of another "
+                              "installed package")
     if len(set(optimizers)) != len(optimizers):
         raise ConfigError(f"--optimizers names one optimizer twice: {optimizers}")
     base_lr = cfg.optimizer.lr
     if base_lr is None:
         raise ConfigError("compare needs optimizer.lr (the learning rate it scales)")
-    scale = float(cfg.optimizer.group.get("scale", 1.0))
-    runs = []
-    for name in optimizers:
-        for factor in (SWEEP if lr_sweep else (1.0,)):
-            lr = base_lr * factor
-            tag = f"{name}-lr{lr:.3g}" if lr_sweep else name
-            if name == BASELINE:
-                overrides = ["optimizer.name=SubspaceAdamW", f"optimizer.lr={lr!r}",
-                             f"optimizer.group={{lr: {lr * scale!r}}}"]
-            else:
-                overrides = [f"optimizer.name={name}", f"optimizer.lr={lr!r}",
-                             *class_overrides(name, cfg)]
-            runs.append(Run(name, lr, tag, overrides))
-    return runs
+    return [make_run(cfg, name, base_lr * factor, lr_sweep) for name in optimizers
+            for factor in (SWEEP if lr_sweep else (1.0,))]
+
+
+def make_run(cfg: RunConfig, name: str, lr: float, swept: bool) -> Run:
+    safe = name.replace(":", "-")  # module:Class: a directory name
+    tag = f"{safe}-lr{lr:.3g}" if swept else safe
+    if name == BASELINE:
+        scale = float(cfg.optimizer.group.get("scale", 1.0))
+        overrides = ["optimizer.name=SubspaceAdamW", f"optimizer.lr={lr!r}",
+                     f"optimizer.group={{lr: {lr * scale!r}}}"]
+    else:
+        overrides = [f"optimizer.name={name}", f"optimizer.lr={lr!r}",
+                     *class_overrides(name, cfg)]
+    return Run(name, lr, tag, overrides)
+
+
+def grid_extensions(cfg: RunConfig, rows: list[dict], runs: list[Run]) -> list[Run]:
+    """New runs for each optimizer whose best lr is at an end of the grid it has run: the
+    next lr by a factor of 3 beyond that end, unless the grid grew ``MAX_EXTENSIONS`` times
+    already or the run exists."""
+    out = []
+    names = list(dict.fromkeys(r.optimizer for r in runs))
+    for name in names:
+        done = [r for r in rows if r["optimizer"] == name]
+        if not done:
+            continue
+        lrs = sorted({r["lr"] for r in done})
+        best = min(done, key=lambda r: r["final_val_ppl"])["lr"]
+        base = cfg.optimizer.lr
+        grown = len(lrs) - len(SWEEP)
+        if grown >= MAX_EXTENSIONS or len(lrs) < 2:
+            continue
+        if best == lrs[0]:
+            lr = lrs[0] / 3
+        elif best == lrs[-1]:
+            lr = lrs[-1] * 3
+        else:
+            continue
+        if any(abs(r.lr - lr) <= 1e-12 * base and r.optimizer == name for r in runs):
+            continue
+        out.append(make_run(cfg, name, lr, True))
+    return out
 
 
 def _last_step(run_dir: Path) -> int:
@@ -93,37 +154,53 @@ def _last_step(run_dir: Path) -> int:
 
 
 def execute(config: str, sets: list[str], runs: list[Run], out: Path, steps: int,
-            on_progress: Callable[[int], None]) -> list[dict]:
-    """Train every run in turn; ``on_progress(steps done over the whole comparison)``."""
+            on_progress: Callable[[int], None],
+            extend: Callable[[list[dict], list[Run]], list[Run]] | None = None) -> list[dict]:
+    """Train every run in turn; ``on_progress(steps done over the whole comparison)``.
+    ``extend(rows, runs)``: runs to add once these are done (the lr grid's extensions);
+    they are appended to ``runs``, and asked for again until there are none."""
     rows = []
-    for i, run in enumerate(runs):
-        run_dir = out / run.name
-        done = _finished(run_dir, steps)
-        if done is not None:  # a comparison stopped part-way continues where it stopped
-            on_progress((i + 1) * steps)
-            rows.append(_row(run, run_dir, done))
-            continue
-        if run_dir.exists():  # this comparison's own run, stopped part-way: train it again
-            shutil.rmtree(run_dir)
-        cmd = [sys.executable, "-m", "subspace_optim", "train", config, "--no-progress"]
-        for s in [*sets, *run.overrides, f"output.dir={out}", f"output.name={run.name}"]:
-            cmd += ["--set", s]
-        began = time.perf_counter()
-        with open(out / f"{run.name}.log", "w") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            while process.poll() is None:
-                on_progress(i * steps + _last_step(run_dir))
-                time.sleep(0.5)
-        if process.returncode != 0:
-            tail = (out / f"{run.name}.log").read_text()[-2000:]
-            raise ConfigError(f"the {run.name} run failed (exit {process.returncode}); its "
-                              f"log, {out / (run.name + '.log')}, ends:\n{tail}")
-        on_progress((i + 1) * steps)
-        wall = time.perf_counter() - began
-        (out / f"{run.name}.json").write_text(json.dumps({"wall_s": wall}))
-        rows.append(_row(run, run_dir, wall))
+    i = 0
+    while i < len(runs) or (extend is not None and _extended(extend, rows, runs)):
+        run = runs[i]
+        i += 1
+        rows.append(_execute_one(config, sets, run, out, steps, i - 1, on_progress))
     _mark_best(rows)
     return rows
+
+
+def _extended(extend, rows: list[dict], runs: list[Run]) -> bool:
+    more = extend(rows, runs)
+    runs.extend(more)
+    return bool(more)
+
+
+def _execute_one(config: str, sets: list[str], run: Run, out: Path, steps: int, i: int,
+             on_progress: Callable[[int], None]) -> dict:
+    run_dir = out / run.name
+    done = _finished(run_dir, steps)
+    if done is not None:  # a comparison stopped part-way continues where it stopped
+        on_progress((i + 1) * steps)
+        return _row(run, run_dir, done)
+    if run_dir.exists():  # this comparison's own run, stopped part-way: train it again
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "subspace_optim", "train", config, "--no-progress"]
+    for s in [*sets, *run.overrides, f"output.dir={out}", f"output.name={run.name}"]:
+        cmd += ["--set", s]
+    began = time.perf_counter()
+    with open(out / f"{run.name}.log", "w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            on_progress(i * steps + _last_step(run_dir))
+            time.sleep(0.5)
+    if process.returncode != 0:
+        tail = (out / f"{run.name}.log").read_text()[-2000:]
+        raise ConfigError(f"the {run.name} run failed (exit {process.returncode}); its "
+                          f"log, {out / (run.name + '.log')}, ends:\n{tail}")
+    on_progress((i + 1) * steps)
+    wall = time.perf_counter() - began
+    (out / f"{run.name}.json").write_text(json.dumps({"wall_s": wall}))
+    return _row(run, run_dir, wall)
 
 
 def _finished(run_dir: Path, steps: int) -> float | None:

@@ -319,6 +319,16 @@ def load_saved_config(path: Path) -> RunConfig:
     return cfg
 
 
+def suggest(name: str, known) -> str:
+    """``: did you mean 'x'?`` for a near miss of one of ``known`` (case, one edit), or
+    nothing."""
+    from ..optim.groups import near_miss
+
+    close = near_miss(name, list(known)) or next(
+        (k for k in known if k.lower() == name.lower()), None)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"training": {"steps": 8}}`` -> ``{"training.steps": 8}`` (lists and plain values
     stay as they are)."""

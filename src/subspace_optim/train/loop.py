@@ -350,8 +350,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
                 # A Ctrl-C seen by any rank stops every rank after the same step.
                 while step < end and not parallel.any_rank(par, interrupt.requested):
                     began = time.perf_counter()
-                    skips = optimizer.nonfinite_skips
-                    refreshes = optimizer.refresh_count
+                    # (Optimizers of other packages, compared by module:Class, count none.)
+                    skips = getattr(optimizer, "nonfinite_skips", 0)
+                    refreshes = getattr(optimizer, "refresh_count", 0)
                     loss_sum = 0.0
                     for micro in range(t.accumulation_steps):
                         batch = parallel.local_batch(
@@ -378,11 +379,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
                     optimizer.zero_grad()
                     scheduler.step()
                     step += 1
-                    skipped = optimizer.nonfinite_skips > skips
+                    skipped = getattr(optimizer, "nonfinite_skips", 0) > skips
                     history["skipped_steps"] += skipped
                     window["skipped"] += skipped
                     window["refreshes"] = (window.get("refreshes", 0)
-                                           + optimizer.refresh_count - refreshes)
+                                           + getattr(optimizer, "refresh_count", 0) - refreshes)
                     window["loss"] += loss_sum
                     window["steps"] += 1
                     window["seconds"] += time.perf_counter() - began

@@ -67,18 +67,41 @@ def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
         raise ConfigError(f"optimizer.target_modules: {error}") from None
 
 
+def foreign_optimizer(name: str) -> type:
+    """The optimizer class ``module:Class`` of another installed package (a peer compared
+    with this library's), or a ``ConfigError`` that says what is missing."""
+    import importlib
+
+    module_name, _, class_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"optimizer.name={name!r}: cannot import {module_name!r} ({error}); "
+                          "install the package that provides it") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"optimizer.name={name!r}: {module_name} has no optimizer class "
+                          f"{class_name!r}")
+    return cls
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     import subspace_optim
 
     oc = cfg.optimizer
-    cls = getattr(subspace_optim, oc.name, None)
+    foreign = ":" in oc.name
+    cls = foreign_optimizer(oc.name) if foreign else getattr(subspace_optim, oc.name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        from .config import suggest
+
         known = sorted(n for n in subspace_optim.__all__ if n.endswith(("AdamW", "Adafactor",
                                                                        "Lion", "8bit")))
-        raise ConfigError(f"optimizer.name: unknown optimizer {oc.name!r} (known: {known})")
+        raise ConfigError(f"optimizer.name: unknown optimizer {oc.name!r}"
+                          f"{suggest(oc.name, known)} (known: {', '.join(known)}; or "
+                          "module:Class of another package)")
     # A NaN or inf gradient skips its parameter's update instead of poisoning its state for
     # good; the loop counts and logs such steps (optimizer.kwargs may switch it off).
-    kwargs = {"lr": oc.lr, "skip_nonfinite": True, **oc.kwargs}
+    kwargs = {"lr": oc.lr, **({} if foreign else {"skip_nonfinite": True}), **oc.kwargs}
     if "weight_decay" in inspect.signature(cls).parameters:
         kwargs["weight_decay"] = oc.weight_decay
     groups = param_groups(model, cfg)
