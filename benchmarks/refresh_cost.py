@@ -26,17 +26,22 @@ from _results import write_csv  # noqa: E402
 
 import subspace_optim as so  # noqa: E402
 
-CLASSES = {"galore": so.GaLoreAdamW, "dct": so.DCTAdamW, "online_pca": so.OnlineSubspaceAdamW,
-           "flora": so.FloraAdamW, "grass": so.GrassAdamW, "q_galore": so.QGaLoreAdamW}
+# name -> (class, extra group keys)
+CLASSES = {"galore": (so.GaLoreAdamW, {}),
+           "galore-randomized": (so.GaLoreAdamW, {"svd": "randomized"}),
+           "dct": (so.DCTAdamW, {}), "online_pca": (so.OnlineSubspaceAdamW, {}),
+           "flora": (so.FloraAdamW, {}), "grass": (so.GrassAdamW, {}),
+           "q_galore": (so.QGaLoreAdamW, {}), "apollo": (so.ApolloAdamW, {}),
+           "fira": (so.FiraAdamW, {})}
 SIZES = [(512, 1376), (1024, 2736), (2048, 5461), (4096, 11008)]
 SMOKE_SIZES = [(48, 96), (96, 200)]
 
 
-def _step_time(cls, shape, rank, gap, repeats) -> float:
+def _step_time(cls, keys, shape, rank, gap, repeats) -> float:
     gen = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
     w.grad = torch.randn(shape, generator=gen)
-    opt = cls([{"params": [w], "rank": rank, "update_proj_gap": gap}], lr=1e-6)
+    opt = cls([{"params": [w], "rank": rank, "update_proj_gap": gap, **keys}], lr=1e-6)
     opt.step()  # the first refresh and state creation, outside the timing
     times = []
     for _ in range(repeats):
@@ -49,15 +54,28 @@ def _step_time(cls, shape, rank, gap, repeats) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated projectors of "
+                        + ", ".join(CLASSES))
+    parser.add_argument("--sizes", default="", help="comma-separated MxN (default: all)")
+    parser.add_argument("--out", default=None,
+                        help="CSV to write (default benchmarks/results/refresh_cost.csv; "
+                             "a smoke run writes only with --out)")
     args = parser.parse_args()
     sizes = SMOKE_SIZES if args.smoke else SIZES
+    if args.sizes:
+        sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    names = [n for n in CLASSES if not args.only or n in args.only.split(",")]
+    if not args.smoke:
+        print(f"{len(sizes) * len(names)} refreshes to time; the full SVD of 4096 x 11008 "
+              "alone takes about a minute per repeat on 2 CPU threads", flush=True)
     rows = []
     for m, n in sizes:
         rank = min(m, n) // 4
         repeats = 1 if m * n > 2048 * 5461 else 3
-        for name, cls in CLASSES.items():
-            refreshing = _step_time(cls, (m, n), rank, 1, repeats)
-            steady = _step_time(cls, (m, n), rank, 10**6, repeats)
+        for name in names:
+            cls, keys = CLASSES[name]
+            refreshing = _step_time(cls, keys, (m, n), rank, 1, repeats)
+            steady = _step_time(cls, keys, (m, n), rank, 10**6, repeats)
             rows.append({"projector": name, "shape": f"{m}x{n}", "rank": rank,
                          "refresh_step_ms": round(refreshing * 1e3, 2),
                          "steady_step_ms": round(steady * 1e3, 2),
@@ -65,8 +83,8 @@ def main() -> None:
                          "repeats": repeats})
             print(f"{name:>10} {m}x{n} rank {rank}: refresh {rows[-1]['refresh_ms']} ms "
                   f"(steady step {rows[-1]['steady_step_ms']} ms)", flush=True)
-    if not args.smoke:
-        print(write_csv("benchmarks/results/refresh_cost.csv", rows))
+    if args.out or not args.smoke:
+        print(write_csv(args.out or "benchmarks/results/refresh_cost.csv", rows))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ try:
     import typer
 except ImportError:  # the core install has no CLI dependencies
     raise SystemExit(
-        "subspace-optim needs the training extra: pip install 'subspace-optim[train]'"
+        "subspace-optim needs the training extra: pip install \".[train]\" (in the "
+        "repository's checkout)"
     ) from None
+
+from rich.markup import escape
 
 app = typer.Typer(
     help="Memory-efficient low-rank optimizers: train LLaMA models with GaLore and successors.",
@@ -71,6 +74,9 @@ def train(
             run_dir = resume
         else:
             cfg = load_config(config, set_ or [])
+        from .train.model import check_optimizer_config
+
+        check_optimizer_config(cfg)
         # Under torchrun: every rank joins the process group; rank 0 alone speaks, names
         # the run directory (from the clock) and tells the others.
         par = setup(cfg)
@@ -90,10 +96,11 @@ def train(
                       f"  model [bold]{cfg.model}[/bold]  data [bold]{cfg.data.source}[/bold]")
         result = run(cfg, run_dir, resume=resume is not None, progress=progress,
                      say=console.print, verbose=verbose)
-    except (ConfigError, CheckpointError, MissingDependency, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, MissingDependency, FileNotFoundError,
+            ImportError) as error:
         if par is not None:
             teardown(par)
-        console.print(f"[bold red]error:[/bold red] {error}")
+        console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         # A second Ctrl-C: stopped in the middle of a step, nothing saved.
@@ -163,8 +170,8 @@ def memory(
         if gpu_gib is not None and not gpu_gib > 0:
             raise ConfigError(f"--gpu-gib must be a number > 0, got {gpu_gib}")
         result = plan(cfg)
-    except (ConfigError, ValueError, TypeError) as error:
-        console.print(f"[bold red]error:[/bold red] {error}")
+    except (ConfigError, ValueError, TypeError, ImportError) as error:
+        console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
     figures = result.to_dict()
     if json_:
@@ -256,7 +263,7 @@ def compare(
                 else None
             rows = execute(config, set_ or [], runs, out, cfg.training.steps, advance, extend)
     except ConfigError as error:
-        console.print(f"[bold red]error:[/bold red] {error}")
+        console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
     csv_path, md_path, png = write_outputs(rows, out)
     console.print(md_path.read_text())

@@ -80,7 +80,7 @@ def backend(name: str, device: torch.device) -> str:
     if mode == "triton":
         if not triton_available():
             raise RuntimeError(f"{ENV}=triton, but Triton is not installed "
-                               "(pip install 'subspace-optim[kernels]')")
+                               "(pip install \".[kernels]\" in the repository's checkout)")
         if device.type != "cuda" and not _interpreting():
             raise RuntimeError(f"{ENV}=triton on {device.type} tensors needs Triton's "
                                "interpreter: set TRITON_INTERPRET=1")

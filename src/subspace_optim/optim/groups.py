@@ -73,9 +73,15 @@ def check_group_keys(group: dict, rule_keys: Iterable[str], owner: str,
             continue
         match = near_miss(key, known)
         if match is not None:
+            if match == "rank":
+                consequence = "without 'rank' the group would not be projected at all"
+            elif match in rule_keys or match in LIBRARY_GROUP_KEYS or match in projection:
+                consequence = f"it would ignore {key!r} and use the default of {match!r}"
+            else:
+                consequence = f"it would ignore {key!r}"
             raise ValueError(
-                f"Unknown param group key {key!r}: did you mean {match!r}? {owner} would "
-                f"ignore {key!r} and use the default of {match!r} instead"
+                f"Unknown param group key {key!r}: did you mean {match!r}? {owner}: "
+                f"{consequence}"
             )
     if "rank" in group or given is None:
         return

@@ -33,7 +33,7 @@ def _functional():
     except ImportError:
         raise ImportError(
             "8-bit optimizer states need bitsandbytes>=0.50, which is not installed: "
-            "pip install 'subspace-optim[bnb]'"
+            "pip install \".[bnb]\" (in the repository's checkout)"
         ) from None
     return functional
 

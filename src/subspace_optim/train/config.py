@@ -235,7 +235,8 @@ def _merge(obj: Any, data: dict, prefix: str, where: str) -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key {full!r} (known: {sorted(fields)})")
+            hint = suggest(key, fields)
+            raise ConfigError(f"{where}: unknown key {full!r}{hint} (known: {sorted(fields)})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{full}.", where)
@@ -267,7 +268,8 @@ def _resolve(name_or_path: str, kind: str) -> Path:
     candidate = CONFIG_ROOT / kind / f"{name_or_path}.yaml"
     if not candidate.exists():
         known = sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
-        raise ConfigError(f"unknown {kind} config {name_or_path!r} (known: {known})")
+        raise ConfigError(f"unknown {kind} config {name_or_path!r}"
+                          f"{suggest(name_or_path, known)} (known: {known})")
     return candidate
 
 

@@ -15,6 +15,10 @@ def require(module: str, extra: str = "train") -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise MissingDependency(
-            f"{module} is needed for this and is not installed: "
-            f"pip install 'subspace-optim[{extra}]'"
+            f"{module} is needed for this and is not installed: {install_hint(extra)}"
         ) from None
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra: from the project's checkout (the package is not on PyPI)."""
+    return f'pip install ".[{extra}]" (in the repository\'s checkout)'

@@ -337,7 +337,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
         })
         bar.tokens_per_s = tokens_per_s
         window.update(_new_window())
+        speed.observe(tokens_per_s)
 
+    speed = _Throughput(device, say)
     interrupted, exit_status = False, 130
     try:
         metrics_path = run_dir / "metrics.jsonl" if par.main else Path(os.devnull)
@@ -418,6 +420,37 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
     return RunResult(run_dir, step, history["val"][0]["val_ppl"], history["val"][-1]["val_ppl"],
                      interrupted, history["skipped_steps"], exit_status=exit_status,
                      state_table=table)
+
+
+class _Throughput:
+    """Says, once, when a run's throughput falls far below what the machine did in the
+    run's first logging windows: on a shared CPU another process competes for the cores,
+    and torch's threads then spin against it (measured on a 2-core machine: 644 against
+    8,929 tokens/s with one thread). The first window (compilation, caches) is not taken as
+    the reference."""
+
+    FALL = 1 / 3
+
+    def __init__(self, device: torch.device, say) -> None:
+        self.device, self.say = device, say
+        self.seen: list[float] = []
+        self.said = False
+
+    def observe(self, tokens_per_s: float) -> None:
+        self.seen.append(tokens_per_s)
+        reference = max(self.seen[1:-1], default=None)
+        if self.said or reference is None or tokens_per_s >= self.FALL * reference:
+            return
+        self.said = True
+        advice = ""
+        if self.device.type == "cpu":
+            threads = torch.get_num_threads()
+            advice = (f"; another process may share the CPU: with {threads} torch thread(s) "
+                      f"on {os.cpu_count()} core(s), fewer threads can be much faster "
+                      "(OMP_NUM_THREADS=1 subspace-optim train ..., or "
+                      "torch.set_num_threads(1))")
+        self.say(f"throughput fell to {tokens_per_s:,.0f} tokens/s from {reference:,.0f} "
+                 f"earlier in this run{advice}")
 
 
 def _log(handle, record: dict[str, Any]) -> None:

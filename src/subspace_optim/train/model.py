@@ -4,6 +4,7 @@ loaded from a local checkpoint directory; optional INT8 weights."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +86,30 @@ def foreign_optimizer(name: str) -> type:
     return cls
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def check_optimizer_config(cfg: RunConfig) -> None:
+    """Build the configured optimizer on a small stand-in model, so that a bad class name,
+    group key or value is a ``ConfigError`` before any data or model is prepared."""
+    targets = cfg.optimizer.target_modules
+    ranks = [cfg.optimizer.group.get("rank")]
+    if isinstance(targets, dict):
+        ranks += [v.get("rank") if isinstance(v, dict) else v for v in targets.values()]
+    size = max([r for r in ranks if isinstance(r, int) and not isinstance(r, bool)] or [8]) + 1
+    names = list(targets) if isinstance(targets, dict) else list(targets) or ["proj"]
+    stand_in = torch.nn.ModuleDict({
+        "".join(c for c in name if c.isalnum() or c == "_") or f"m{i}":
+            torch.nn.Linear(size, size) for i, name in enumerate(names)})
+    try:
+        with torch.device("meta"):
+            stand_in = stand_in.to("meta")
+        build_optimizer(stand_in, cfg, check_bnb=False)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError) as error:
+        raise ConfigError(f"optimizer: {error}") from None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig,
+                    check_bnb: bool = True) -> torch.optim.Optimizer:
     import subspace_optim
 
     oc = cfg.optimizer
@@ -106,6 +130,15 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         kwargs["weight_decay"] = oc.weight_decay
     groups = param_groups(model, cfg)
     try:
-        return cls(groups, **kwargs)
+        with warnings.catch_warnings():
+            # A config without rank in its groups asks for full rank (compare's baseline):
+            # the optimizer's warning that nothing is projected says what was asked.
+            warnings.filterwarnings("ignore", message=".*no param group has 'rank'")
+            optimizer = cls(groups, **kwargs)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer: {error}") from None
+    if check_bnb and any(g.get("state_bits") == 8 for g in optimizer.param_groups):
+        from ..quant.blockwise import _functional
+
+        _functional()  # 8-bit states need bitsandbytes: say so now, not at the first step
+    return optimizer
