@@ -6,6 +6,7 @@ import csv
 import datetime
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +29,21 @@ def machine() -> str:
 def commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return out.stdout.strip() or "unknown"
+
+
+def results_path(out: str | None, default: str, smoke: bool) -> str:
+    """Where a benchmark writes its CSV: ``--out`` when given; a smoke run otherwise writes
+    to the temporary directory, never over the committed results that back the README's
+    tables; a plain run writes ``default`` and says so when it replaces a committed file."""
+    if out:
+        return out
+    if smoke:
+        return str(Path(tempfile.gettempdir()) / "subspace_optim_benchmarks" / Path(default).name)
+    target = Path(default)
+    if target.exists():
+        print(f"this run replaces {default} (committed results; git diff shows the change, "
+              "--out writes elsewhere)", flush=True)
+    return default
 
 
 def write_csv(path: str, rows: list[dict]) -> str:
@@ -78,3 +94,19 @@ def paired_ratio(times: list[float], baseline: list[float]) -> tuple[float, floa
         return ratios[0], ratios[0], ratios[0]
     q25, q50, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
     return q50, q25, q75
+
+
+def progress(items, desc: str, unit: str = "case"):
+    """``items`` with a progress bar (tqdm, when installed; a line per item otherwise)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        items = list(items)
+
+        def plain():
+            for i, item in enumerate(items):
+                print(f"{desc}: {i + 1}/{len(items)}", flush=True)
+                yield item
+
+        return plain()
+    return tqdm(items, desc=desc, unit=unit)

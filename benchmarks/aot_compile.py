@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import triton
-from _results import write_csv
+from _results import results_path, write_csv
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner
@@ -484,22 +484,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=None,
                         help=f"CSV to write (default: {OUT} for the full matrix; a smoke "
-                             "run needs --out, so that it never replaces the committed one)")
+                             "run writes to the temporary directory)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: kernels are captured as compiled code, not "
                      "interpreted")
     # The current default of fp fusion, set so that Triton does not warn at every compile.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    if args.smoke and args.out is None:
-        parser.error("--smoke writes only where --out says (the committed CSV holds the "
-                     "full matrix)")
     targets = args.targets.split(",")
     unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown target(s) {sorted(unknown)}; known: {', '.join(TARGETS)}")
     rows = run(args.smoke, targets, args.workers, only=set(filter(None, args.ops.split(","))))
-    out = args.out or str(OUT)
+    out = results_path(args.out, str(OUT), args.smoke)
     provenance = write_csv(out, rows)
     print(f"{summary(rows)}\nwrote {out} ({provenance})")
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import write_csv  # noqa: E402
+from _results import results_path, write_csv  # noqa: E402
 
 import subspace_optim as so  # noqa: E402
 
@@ -216,13 +216,14 @@ def main() -> None:
               f"{r['owner_s']:.3f} | {r['owner_speedup']:.2f}x |")
     if args.smoke:
         return
-    print(write_csv("benchmarks/results/distributed_refresh.csv", refresh))
+    print(write_csv(results_path(None, "benchmarks/results/distributed_refresh.csv", False),
+                    refresh))
     comm = [r for r in rows if r["kind"] == "bytes"]
     print("\n| mode | optimizer bytes per steady step (per rank) | per refresh step |")
     print("|---|---|---|")
     for r in comm:
         print(f"| {r['mode']} | {r['steady_step_bytes']:,} | {r['refresh_step_bytes']:,} |")
-    print(write_csv("benchmarks/results/distributed_comm.csv", comm))
+    print(write_csv(results_path(None, "benchmarks/results/distributed_comm.csv", False), comm))
     print("\nLLaMA-7B, rank 1024, computed from the shapes (GiB):")
     for key, value in llama_7b_figures().items():
         print(f"  {key}: {value:.3f}")

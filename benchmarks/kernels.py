@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _results import write_csv
+from _results import progress, results_path, write_csv
 
 # (model, layer, out_features, in_features), as in configs/model/llama_{1b,7b}.yaml.
 SHAPES = [("LLaMA-1B", "attention", 2048, 2048), ("LLaMA-1B", "mlp up", 5461, 2048),
@@ -216,7 +216,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--models", default="LLaMA-1B,LLaMA-7B",
                         help="comma-separated subset of LLaMA-1B, LLaMA-7B")
-    parser.add_argument("--out", default="benchmarks/results/kernels.csv")
+    parser.add_argument("--out", default=None,
+                        help="CSV to write (default benchmarks/results/kernels.csv; a smoke "
+                             "run writes to the temporary directory)")
     args = parser.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -232,13 +234,8 @@ def main() -> None:
     repeats, warmup = (2, 1) if args.smoke else (args.repeats, 3)
     timer = Timer(device)
     rows = []
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        def tqdm(x, **_):
-            return x
     grid = [(s, r, d) for s in shapes for r in ranks for d in DTYPES if r < min(s[2], s[3])]
-    for (model, layer, m, n), rank, dtype in tqdm(grid, desc="kernels", unit="case"):
+    for (model, layer, m, n), rank, dtype in progress(grid, "kernels"):
         where = {"model": model, "layer": layer, "shape": f"{m}x{n}", "rank": rank,
                  "dtype": str(dtype).removeprefix("torch.")}
         for row in kernel_rows(m, n, rank, dtype, device, timer, repeats, warmup):
@@ -251,7 +248,8 @@ def main() -> None:
             row[key] = round(row[key], 4)
         row["repeats"] = repeats
         row["interpreted"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    where = write_csv(args.out, rows)
+    where = write_csv(results_path(args.out, "benchmarks/results/kernels.csv", args.smoke),
+                      rows)
     print("| model | layer | rank | dtype | op | PyTorch (ms) | Triton (ms) | speed-up | "
           "peak PyTorch / Triton (MiB) |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:

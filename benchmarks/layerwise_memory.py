@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from _results import write_csv
+from _results import results_path, write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_layerwise as tl  # noqa: E402  (the model and the tracker the test uses)
@@ -30,7 +30,7 @@ def main() -> None:
         tl._train(model, opt, 3, k=k, layerwise=True)
         rows.append({"accumulation_steps": k, "full_gradient_bytes": full,
                      "peak_bytes": peak[0], "ratio": round(peak[0] / full, 4)})
-    where = write_csv("benchmarks/results/layerwise_memory.csv", rows)
+    where = write_csv(results_path(None, "benchmarks/results/layerwise_memory.csv", False), rows)
     for r in rows:
         print(f"k={r['accumulation_steps']}: peak {r['peak_bytes']:,} of "
               f"{r['full_gradient_bytes']:,} bytes ({100 * r['ratio']:.1f}%)")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import interleaved_medians, write_csv  # noqa: E402
+from _results import interleaved_medians, results_path, write_csv  # noqa: E402
 from step_floor import _floor  # noqa: E402
 
 import subspace_optim as so  # noqa: E402
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None,
                         help="CSV to write (default benchmarks/results/peers.csv; a smoke run "
-                             "writes only with --out)")
+                             "writes to the temporary directory)")
     args = parser.parse_args()
     blocks, rounds = (SMOKE, 2) if args.smoke else (BLOCKS, args.rounds)
     rows = []
@@ -182,8 +182,7 @@ def main() -> None:
         print(f"| {r['block']} | {r['optimizer']} | {mib} | {r['median_ms']} | "
               f"{r['vs_torch_adamw']} | {r['vs_galore_torch']} | {r['vs_two_gemm_floor']} | "
               f"{r['note']}")
-    if args.out or not args.smoke:
-        print(write_csv(args.out or "benchmarks/results/peers.csv", rows))
+    print(write_csv(results_path(args.out, "benchmarks/results/peers.csv", args.smoke), rows))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import write_csv  # noqa: E402
+from _results import results_path, write_csv  # noqa: E402
 
 from subspace_optim.train.config import load_config  # noqa: E402
 from subspace_optim.train.planner import measure, plan  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=None,
                         help="CSV of a full run (default benchmarks/results/planner_<device>"
-                             ".csv; a smoke run writes only with --out)")
+                             ".csv; a smoke run writes to the temporary directory)")
     args = parser.parse_args()
     cases = {"tiny": []} if args.smoke else dict(CPU_CASES)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,8 +66,8 @@ def main() -> None:
         print(f"| {name} | {r['predicted_state_bytes'] / 2**20:.2f} | "
               f"{r['measured_state_bytes'] / 2**20:.2f} | {r['predicted_peak_bytes'] / 2**20:.1f} "
               f"| {r['measured_peak_bytes'] / 2**20:.1f} | {r['peak_ratio']} |", flush=True)
-    if args.out or not args.smoke:
-        print(write_csv(args.out or f"benchmarks/results/planner_{device}.csv", rows))
+    print(write_csv(results_path(args.out, f"benchmarks/results/planner_{device}.csv",
+                                 args.smoke), rows))
 
 
 if __name__ == "__main__":

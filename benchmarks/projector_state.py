@@ -7,7 +7,7 @@ optimizer_state_bytes after one step (the moments, identical for all, are report
 from __future__ import annotations
 
 import torch
-from _results import write_csv
+from _results import results_path, write_csv
 
 import subspace_optim as so
 
@@ -27,7 +27,7 @@ def main() -> None:
         moments = sum(state[k].numel() * state[k].element_size() for k in ("exp_avg", "exp_avg_sq"))
         rows.append({"projector": name, "projector_bytes": so.optimizer_state_bytes(opt) - moments,
                      "moment_bytes": moments})
-    where = write_csv("benchmarks/results/projector_state.csv", rows)
+    where = write_csv(results_path(None, "benchmarks/results/projector_state.csv", False), rows)
     print("| projector | projector state (bytes) | moments (bytes) |\n|---|---|---|")
     for r in rows:
         print(f"| `{r['projector']}` | {r['projector_bytes']:,} | {r['moment_bytes']:,} |")

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import write_csv  # noqa: E402
+from _results import results_path, write_csv  # noqa: E402
 
 import subspace_optim as so  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="", help="comma-separated MxN (default: all)")
     parser.add_argument("--out", default=None,
                         help="CSV to write (default benchmarks/results/refresh_cost.csv; "
-                             "a smoke run writes only with --out)")
+                             "a smoke run writes to the temporary directory)")
     args = parser.parse_args()
     sizes = SMOKE_SIZES if args.smoke else SIZES
     if args.sizes:
@@ -83,8 +83,8 @@ def main() -> None:
                          "repeats": repeats})
             print(f"{name:>10} {m}x{n} rank {rank}: refresh {rows[-1]['refresh_ms']} ms "
                   f"(steady step {rows[-1]['steady_step_ms']} ms)", flush=True)
-    if args.out or not args.smoke:
-        print(write_csv(args.out or "benchmarks/results/refresh_cost.csv", rows))
+    print(write_csv(results_path(args.out, "benchmarks/results/refresh_cost.csv", args.smoke),
+                    rows))
 
 
 if __name__ == "__main__":

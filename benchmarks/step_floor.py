@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from _results import interleaved_times, paired_ratio, write_csv
+from _results import interleaved_times, paired_ratio, results_path, write_csv
 
 import subspace_optim as so
 
@@ -169,12 +169,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 3 repetitions")
     parser.add_argument("--repeats", type=int, default=151)
-    parser.add_argument("--out", default="benchmarks/results/step_floor.csv")
+    parser.add_argument("--out", default=None,
+                        help="CSV to write (default benchmarks/results/step_floor.csv; a "
+                             "smoke run writes to the temporary directory)")
     parser.add_argument("--breakdown-out", default=None,
                         help="default: beside --out, as <name>_breakdown.csv")
     args = parser.parse_args()
     shapes, rank, repeats = (SMOKE, 16, 3) if args.smoke else (BLOCK_130M, 256, args.repeats)
     rows = measure(shapes, rank, repeats)
+    args.out = results_path(args.out, "benchmarks/results/step_floor.csv", args.smoke)
     where = write_csv(args.out, rows)
     parts = breakdown(shapes, rank, 3 if args.smoke else 31)
     out = Path(args.out)

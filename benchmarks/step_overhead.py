@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from _results import write_csv
+from _results import results_path, write_csv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import subspace_optim as so
@@ -94,10 +94,13 @@ def measure(blocks: int, repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/step_overhead.csv")
+    parser.add_argument("--out", default=None,
+                        help="CSV to write (default benchmarks/results/step_overhead.csv; a "
+                             "smoke run writes to the temporary directory)")
     args = parser.parse_args()
     rows = measure(2, 3) if args.smoke else measure(32, 31)
-    where = write_csv(args.out, rows)
+    where = write_csv(results_path(args.out, "benchmarks/results/step_overhead.csv",
+                                   args.smoke), rows)
     print("| step | tensor ops / parameter | host time / parameter (us) | / torch single-tensor |")
     print("|---|---|---|---|")
     for r in rows:

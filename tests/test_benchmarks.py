@@ -70,18 +70,35 @@ def test_the_kernel_benchmark_refuses_a_cpu_timing():
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
 
 
+def _repo_state() -> tuple[str, dict[str, bytes]]:
+    """``git status`` of the checkout and the bytes of every committed result."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, cwd=ROOT)
+    results = {p.name: p.read_bytes() for p in sorted((ROOT / "benchmarks" / "results").iterdir())}
+    return status.stdout, results
+
+
 @pytest.mark.parametrize("script,expect", [
     ("peers.py", ["torch AdamW (foreach)", "GaLoreAdamW", "two-GEMM floor"]),
     ("refresh_cost.py", ["galore 48x96", "q_galore 96x200"]),
     ("planner.py", ["| tiny |"]),
     ("quality.py", ["| GaLoreAdamW |", "| AdamW |"]),
     ("distributed.py", ["| 64x96 | 2 | 2 |"]),
+    ("step_floor.py", ["two-GEMM floor"]),
+    ("step_overhead.py", ["GaLoreAdamW foreach"]),
 ])
-def test_smoke_runs_of_the_issue_13_benchmarks(script, expect):
-    """Peers, refresh cost, planner against measurement, quality and the distributed
-    refresh strategies run end to end at tiny sizes (they write no CSV in smoke mode)."""
+def test_smoke_runs_leave_the_checkout_as_it_was(script, expect):
+    """Every benchmark runs end to end at tiny sizes, and a smoke run (no ``--out``) neither
+    touches the committed results that back the README's tables nor leaves a file behind."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    before = _repo_state()
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke"],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for text in expect:
         assert text in result.stdout, (text, result.stdout[-3000:])
+    after = _repo_state()
+    assert after[0] == before[0], "the smoke run changed git status"
+    changed = [name for name in before[1] if after[1].get(name) != before[1][name]]
+    assert not changed, f"the smoke run rewrote committed results: {changed}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 
@@ -140,3 +141,28 @@ def test_the_lr_grid_grows_while_the_best_run_is_at_its_end():
         more = grid_extensions(cfg, rows(lambda r: r.lr), runs)
         runs.extend(more)
     assert len({r.lr for r in runs if r.optimizer == "SubspaceLion"}) == 3 + MAX_EXTENSIONS
+
+
+def test_a_variant_is_the_class_with_other_group_keys():
+    """``GaLoreAdamW[svd=randomized]`` compares the randomized refresh with the full SVD in
+    one command: the same class, the config's group with the variant's keys, its own run
+    directory; a bad key or value is refused before any run."""
+    from subspace_optim.train.compare import split_optimizers
+
+    names = split_optimizers("GaLoreAdamW,GaLoreAdamW[svd=randomized, svd_niter=1],"
+                             "GaLoreAdafactor[rank=8]")
+    assert names == ["GaLoreAdamW", "GaLoreAdamW[svd=randomized, svd_niter=1]",
+                     "GaLoreAdafactor[rank=8]"]
+    runs = plan_runs(load_config("default", []), names, lr_sweep=False)
+    assert [r.optimizer for r in runs] == names
+    assert len({r.name for r in runs}) == 3
+    assert "optimizer.name=GaLoreAdamW" in runs[1].overrides
+    assert ("optimizer.group={rank: 32, update_proj_gap: 50, scale: 0.25, svd: 'randomized', "
+            "svd_niter: 1}") in runs[1].overrides
+    assert any("relative_step: false" in o for o in runs[2].overrides)
+    for bad, text in [("GaLoreAdamW[svd=fast]", "Invalid svd: 'fast'"),
+                      ("GaLoreAdamW[svd]", "key=value"),
+                      ("AdamW[rank=3]", "full-rank baseline"),
+                      ("GaLoreAdamW[rnak=3]", "did you mean 'rank'")]:
+        with pytest.raises(ConfigError, match=re.escape(text)):
+            plan_runs(load_config("default", []), [bad], lr_sweep=False)

@@ -1,5 +1,6 @@
 """optimizer_state_bytes counts what is really held."""
 
+import pytest
 import torch
 
 import subspace_optim as so
@@ -49,3 +50,17 @@ def test_state_tensors_own_only_their_elements():
                 if torch.is_tensor(value):
                     owned = value.numel() * value.element_size()
                     assert value.untyped_storage().nbytes() == owned, (name, key)
+
+
+def test_a_peers_tensor_subclass_state_is_counted_from_its_inner_tensors():
+    """torchao keeps 8-bit moments as a tensor subclass that poses as float32: its bytes are
+    its codes (1 per element) and its scales (one float32 per block of 256), not 4 per
+    element."""
+    optim = pytest.importorskip("torchao.optim")
+    w = torch.nn.Parameter(torch.randn(512, 512))
+    opt = optim.AdamW8bit([w])
+    w.grad = torch.randn_like(w)
+    opt.step()
+    codes_and_scales = 2 * (512 * 512 + 4 * 512 * 512 // 256)
+    held = so.optimizer_state_bytes(opt)
+    assert codes_and_scales <= held <= codes_and_scales + 2 * 256 * 4 + 8  # maps, step

@@ -208,8 +208,10 @@ def compare(
     config: Annotated[str, typer.Argument(
         help="A train config: a name in [bold]configs/train/[/bold] or a YAML path.")],
     optimizers: Annotated[str, typer.Option(
-        help="Comma-separated optimizer classes; [bold]AdamW[/bold] is the full-rank "
-             "baseline at the projected run's per-group learning rates.")],
+        help="Comma-separated optimizer classes of this library, or module:Class of any "
+             "installed package (apollo_torch:APOLLOAdamW), or a variant with other group keys "
+             "(GaLoreAdamW\\[svd=randomized]); [bold]AdamW[/bold] is the full-rank baseline "
+             "at the projected run's per-group learning rates.")],
     lr_sweep: Annotated[bool, typer.Option(
         help="Run each optimizer at lr x 1/3, 1, 3 (and further by 3x while the best is at "
              "an end of the grid) and report the best.")] = False,
@@ -233,13 +235,19 @@ def compare(
         TimeRemainingColumn,
     )
 
-    from .train.compare import execute, grid_extensions, plan_runs, write_outputs
+    from .train.compare import (
+        execute,
+        grid_extensions,
+        plan_runs,
+        split_optimizers,
+        write_outputs,
+    )
     from .train.config import ConfigError, load_config
 
     console = Console()
     try:
         cfg = load_config(config, set_ or [])
-        names = [n.strip() for n in optimizers.split(",") if n.strip()]
+        names = split_optimizers(optimizers)
         if not names:
             raise ConfigError("--optimizers names no optimizer")
         runs = plan_runs(cfg, names, lr_sweep)

@@ -11,6 +11,8 @@ scaled together) and reports the best by final validation perplexity; while an o
 best run lies at an end of its grid, the grid grows by another factor of 3 on that side (at
 most ``MAX_EXTENSIONS`` times), so that every reported optimum is inside its grid. Runs
 already finished in the output folder are kept, so a comparison stopped part-way continues.
+``Class[key=value, ...]`` names a variant: the class with those projected-group keys
+changed (``GaLoreAdamW[svd=randomized]``), compared as an optimizer of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MAX_EXTENSIONS = 3
 # Classes whose constructor conventions differ from the config's projected group: Adafactor
 # runs at the compared lr (no relative steps), FloraAdafactor's groups take no scale.
 ADAFACTOR_AT_LR = "optimizer.kwargs={relative_step: false, scale_parameter: false}"
+ADAFACTOR_CLASSES = ("SubspaceAdafactor", "GaLoreAdafactor")
 
 
 # Group keys the reference packages read without a default, from the config's: their
@@ -45,25 +48,70 @@ PEER_GROUP_KEYS = {
 }
 
 
-def class_overrides(name: str, cfg: RunConfig) -> list[str]:
+def split_optimizers(text: str) -> list[str]:
+    """``--optimizers``' names: split at commas, except those inside a variant's brackets."""
+    names, current, depth = [], "", 0
+    for char in text:
+        if char == "," and depth == 0:
+            names.append(current.strip())
+            current = ""
+            continue
+        depth += (char == "[") - (char == "]")
+        current += char
+    names.append(current.strip())
+    return [n for n in names if n]
+
+
+def variant(name: str) -> tuple[str, dict]:
+    """``Class[key=value, ...]``: the class and the projected-group keys the variant sets
+    (values read as YAML); a plain name has none."""
+    if "[" not in name:
+        return name, {}
+    base, _, inner = name.partition("[")
+    if not inner.endswith("]") or not base.strip():
+        raise ConfigError(f"--optimizers: {name!r}: write a variant as Class[key=value, ...]")
+    import yaml
+
+    keys = {}
+    for item in filter(None, (s.strip() for s in inner[:-1].split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--optimizers: {name!r}: write each group key as key=value, "
+                              f"got {item!r}")
+        keys[key.strip()] = yaml.safe_load(value)
+    return base.strip(), keys
+
+
+def _group(group: dict) -> str:
+    return "optimizer.group={" + ", ".join(f"{k}: {v!r}" for k, v in group.items()) + "}"
+
+
+def class_overrides(name: str, cfg: RunConfig, keys: dict | None = None) -> list[str]:
+    """The ``--set`` values that make the config's projected group fit class ``name``, with
+    a variant's ``keys`` added to it."""
+    keys = keys or {}
     if ":" in name:
         package = name.split(":")[0].split(".")[0]
         extra = PEER_GROUP_KEYS.get(package)
         if extra is None or not cfg.optimizer.group:
-            return []
-        group = {**extra, **cfg.optimizer.group}
+            return [_group({**cfg.optimizer.group, **keys})] if keys else []
+        group = {**extra, **cfg.optimizer.group, **keys}
         if package == "fira":  # fira calls the scale alpha
             group["alpha"] = group.pop("scale", 1.0)
         if package in ("galore_torch", "apollo_torch", "fira"):
             group.pop("projector", None)
-        return ["optimizer.group={" + ", ".join(f"{k}: {v!r}" for k, v in group.items()) + "}"]
-    if name in ("SubspaceAdafactor", "GaLoreAdafactor"):
-        return [ADAFACTOR_AT_LR]
+        return [_group(group)]
+    group = _own_group(name, cfg, keys)
+    if name in ADAFACTOR_CLASSES:
+        return [ADAFACTOR_AT_LR, *([_group(group)] if keys else [])]
+    return [_group(group)] if keys or name == "FloraAdafactor" else []
+
+
+def _own_group(name: str, cfg: RunConfig, keys: dict) -> dict:
+    group = {**cfg.optimizer.group, **keys}
     if name == "FloraAdafactor":
-        group = {k: v for k, v in cfg.optimizer.group.items() if k not in ("scale",
-                                                                           "projector")}
-        return ["optimizer.group={" + ", ".join(f"{k}: {v!r}" for k, v in group.items()) + "}"]
-    return []
+        group = {k: v for k, v in group.items() if k not in ("scale", "projector")}
+    return group
 FIELDS = ("optimizer", "lr", "best", "final_val_ppl", "tokens_per_s", "optimizer_state_bytes",
           "peak_memory_bytes", "wall_s", "run_dir")
 
@@ -82,12 +130,18 @@ def plan_runs(cfg: RunConfig, optimizers: list[str], lr_sweep: bool) -> list[Run
     known = {n for n in subspace_optim.__all__ if isinstance(getattr(subspace_optim, n), type)
              and issubclass(getattr(subspace_optim, n), subspace_optim.SubspaceOptimizer)
              and n != "SubspaceOptimizer"} | {BASELINE}
-    for name in optimizers:
+    for full in optimizers:
+        name, keys = variant(full)
         if ":" in name:  # module:Class of another installed package
             from .model import foreign_optimizer
 
             foreign_optimizer(name)
             continue
+        if keys and name == BASELINE:
+            raise ConfigError(f"--optimizers: {full!r}: the full-rank baseline has no "
+                              "projected group to change")
+        if name in known and keys:
+            _check_variant(cfg, name, keys, full)
         if name not in known:
             from .config import suggest
 
@@ -104,8 +158,27 @@ def plan_runs(cfg: RunConfig, optimizers: list[str], lr_sweep: bool) -> list[Run
             for factor in (SWEEP if lr_sweep else (1.0,))]
 
 
-def make_run(cfg: RunConfig, name: str, lr: float, swept: bool) -> Run:
-    safe = name.replace(":", "-")  # module:Class: a directory name
+def _check_variant(cfg: RunConfig, name: str, keys: dict, full: str) -> None:
+    """A variant's keys checked on a stand-in model now, not after the runs before it."""
+    import dataclasses
+
+    from .model import check_optimizer_config
+
+    kwargs = dict(cfg.optimizer.kwargs)
+    if name in ADAFACTOR_CLASSES:
+        kwargs.update(relative_step=False, scale_parameter=False)
+    trial = dataclasses.replace(cfg, optimizer=dataclasses.replace(
+        cfg.optimizer, name=name, group=_own_group(name, cfg, keys), kwargs=kwargs))
+    try:
+        check_optimizer_config(trial)
+    except ConfigError as error:
+        raise ConfigError(f"--optimizers: {full!r}: {error}") from None
+
+
+def make_run(cfg: RunConfig, full: str, lr: float, swept: bool) -> Run:
+    name, keys = variant(full)
+    # module:Class and Class[key=value]: a directory name
+    safe = "".join(c if c.isalnum() or c in "._" else "-" for c in full).strip("-")
     tag = f"{safe}-lr{lr:.3g}" if swept else safe
     if name == BASELINE:
         scale = float(cfg.optimizer.group.get("scale", 1.0))
@@ -113,8 +186,8 @@ def make_run(cfg: RunConfig, name: str, lr: float, swept: bool) -> Run:
                      f"optimizer.group={{lr: {lr * scale!r}}}"]
     else:
         overrides = [f"optimizer.name={name}", f"optimizer.lr={lr!r}",
-                     *class_overrides(name, cfg)]
-    return Run(name, lr, tag, overrides)
+                     *class_overrides(name, cfg, keys)]
+    return Run(full, lr, tag, overrides)
 
 
 def grid_extensions(cfg: RunConfig, rows: list[dict], runs: list[Run]) -> list[Run]:

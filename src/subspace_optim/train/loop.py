@@ -327,7 +327,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
         tokens_per_s = window["tokens"] * par.world / max(window["seconds"], 1e-9)
         _log(metrics, {
             "step": step, "loss": window["loss"] / window["steps"],
-            "lr": scheduler.get_last_lr()[-1],
+            "lr": float(scheduler.get_last_lr()[-1]),  # a tensor for some optimizers (torchao)
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "skipped_steps": window["skipped"],
             "refreshes": window.get("refreshes", 0),
