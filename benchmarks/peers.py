@@ -1,7 +1,10 @@
 """Optimizer-state bytes and steady step time of every optimizer of this library against
 the peers, on one transformer block of LLaMA-130M (rank 256) and LLaMA-1B (rank 512):
-torch's AdamW (foreach and fused), bitsandbytes' AdamW8bit, galore-torch's GaLoreAdamW and
-GaLoreAdamW8bit, and q-galore-torch's QGaLoreAdamW8bit, each where it runs here.
+torch's AdamW (foreach and fused), bitsandbytes' AdamW8bit, torchao's AdamW8bit and
+AdamW4bit, Adam-mini, galore-torch's GaLoreAdamW and GaLoreAdamW8bit, q-galore-torch's
+QGaLoreAdamW8bit, apollo-torch's APOLLOAdamW (channel scaling at the block's rank, and
+APOLLO-Mini: rank 1, tensor scaling, scale 128) and fira's FiraAdamW, each where it runs
+here. This library's APOLLO-Mini runs at rank 1 and scale 128 too.
 
 Every optimizer gets its own copy of the block's weights and one fixed gradient per
 weight; a first step (refreshes: SVDs, selections) runs outside the timing and the gap is
@@ -53,6 +56,10 @@ def state_bytes(value, seen=None) -> int:
     each storage once."""
     seen = set() if seen is None else seen
     if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+            # torchao's low-bit states: a subclass whose bytes are its inner tensors
+            return sum(state_bytes(getattr(value, n), seen)
+                       for n in value.__tensor_flatten__()[0])
         key = (value.untyped_storage().data_ptr(), value.device)
         if key in seen:
             return 0
@@ -83,12 +90,31 @@ def _ours(shapes, rank, smoke) -> dict[str, Callable[[list], torch.optim.Optimiz
             group["scale"] = 0.25
             if "QGaLore" in name and smoke:
                 group.update(SMALL_GROUP)
+            if name == "ApolloMiniAdamW":
+                group.update(rank=1, scale=128.0)
             if "Adafactor" in name:
                 kwargs.update(relative_step=False, scale_parameter=False)
             return cls([group], **kwargs)
 
         out[name] = make
     return out
+
+
+# Adam-mini partitions by parameter name: the block's weights named as in a LLaMA layer.
+LLAMA_NAMES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def _adam_mini(params):
+    from adam_mini import Adam_mini
+
+    names = LLAMA_NAMES if len(params) == len(LLAMA_NAMES) else \
+        [f"mlp.{i}_proj" for i in range(len(params))]
+    hidden = min(params[0].shape)
+    heads = max(1, hidden // 64)
+    named = [(f"model.layers.0.{n}.weight", p) for n, p in zip(names, params, strict=True)]
+    return Adam_mini(named, lr=1e-5, dim=hidden, n_heads=heads, n_kv_heads=heads,
+                     verbose=False)
 
 
 def _peers(rank) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
@@ -100,6 +126,39 @@ def _peers(rank) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
         import bitsandbytes as bnb
 
         out["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-5)
+    except ImportError:
+        pass
+    try:
+        import torchao.optim as ao
+
+        out["torchao AdamW8bit"] = lambda ps: ao.AdamW8bit(ps, lr=1e-5)
+        out["torchao AdamW4bit"] = lambda ps: ao.AdamW4bit(ps, lr=1e-5)
+    except ImportError:
+        pass
+    try:
+        import adam_mini  # noqa: F401
+
+        out["adam_mini Adam_mini"] = _adam_mini
+    except ImportError:
+        pass
+    try:
+        import apollo_torch
+
+        def apollo(r, scale_type, scale):
+            return lambda ps: apollo_torch.APOLLOAdamW(
+                [{"params": ps, "rank": r, "proj": "random", "scale_type": scale_type,
+                  "scale": scale, "update_proj_gap": GAP, "proj_type": "std"}], lr=1e-5)
+
+        out["apollo_torch APOLLOAdamW"] = apollo(rank, "channel", 1.0)
+        out["apollo_torch APOLLO-Mini"] = apollo(1, "tensor", 128.0)
+    except ImportError:
+        pass
+    try:
+        import fira
+
+        out["fira FiraAdamW"] = lambda ps: fira.FiraAdamW(
+            [{"params": ps, "rank": rank, "update_proj_gap": GAP, "alpha": 0.25,
+              "proj_type": "std"}], lr=1e-5)
     except ImportError:
         pass
     try:

@@ -193,7 +193,7 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch):
     from subspace_optim.train.deps import MissingDependency, require
 
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    with pytest.raises(MissingDependency, match=r"pip install 'subspace-optim\[train\]'"):
+    with pytest.raises(MissingDependency, match=r'pip install "\.\[train\]"'):
         require("tokenizers")
 
 

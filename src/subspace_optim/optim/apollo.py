@@ -195,9 +195,14 @@ class FiraAdamW(_ScaledAdamW):
 
     def _update(self, it, group, projector, low, grad, direction):
         alpha = group["scale"]
-        inside = projector.project_back(it.basis, low, it.side) * alpha
+        basis = it.basis
+        # The moments (and so low and direction) are kept in float32 for a bf16 or fp16
+        # weight: back-project in that precision, as the reference does in its own fp32.
+        if isinstance(basis, Tensor) and basis.is_floating_point() and basis.dtype != low.dtype:
+            basis = basis.to(low.dtype)
+        inside = projector.project_back(basis, low, it.side) * alpha
         residual = (grad - inside) * channel_factor(direction, low, it.side,
                                                     group["scale_type"])
         if group["norm_limiter"]:
             limit_growth_(residual, it.state)
-        return projector.project_back(it.basis, direction, it.side) * alpha + residual
+        return projector.project_back(basis, direction, it.side) * alpha + residual
