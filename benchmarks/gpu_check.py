@@ -8,7 +8,7 @@ by default), so that one step that hangs or fails does not cost the others:
 
 1. the kernel and optimizer-level tests on CUDA (``tests/test_kernels*.py``,
    ``tests/test_ops.py``), then every test marked ``gpu``; results per test in ``tests.csv``;
-2. ``benchmarks/kernels.py`` on LLaMA-1B shapes (each kernel against its PyTorch op, and the
+2. ``benchmarks/kernel_speed.py`` on LLaMA-1B shapes (each kernel against its PyTorch op, and the
    fused step against the foreach step);
 3. ``benchmarks/peers.py``: state bytes and the steady step of every class against the peers;
 4. ``benchmarks/planner.py``: the memory planner against CUDA's allocator peak for 60M,
@@ -45,7 +45,7 @@ def steps(out: Path) -> list[tuple[str, list[str], float]]:
                           f"--junitxml={out / 'kernel_tests.xml'}"], 0.25),
         ("gpu tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-m",
                        "gpu", f"--junitxml={out / 'gpu_tests.xml'}"], 0.1),
-        ("kernels", [py, "benchmarks/kernels.py", "--models", "LLaMA-1B", "--repeats", "11",
+        ("kernels", [py, "benchmarks/kernel_speed.py", "--models", "LLaMA-1B", "--repeats", "11",
                      "--out", str(out / "kernels.csv")], 0.25),
         ("peers", [py, "benchmarks/peers.py", "--rounds", "5", "--out",
                    str(out / "peers.csv")], 0.2),

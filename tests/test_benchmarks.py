@@ -49,7 +49,7 @@ def test_the_kernel_benchmark_times_every_kernel_and_the_whole_step(tmp_path):
     pytest.importorskip("triton")
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "kernels.csv"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke",
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_speed.py"), "--smoke",
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
@@ -65,7 +65,7 @@ def test_the_kernel_benchmark_times_every_kernel_and_the_whole_step(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU would run the whole benchmark")
 def test_the_kernel_benchmark_refuses_a_cpu_timing():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")],
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_speed.py")],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
 

@@ -13,8 +13,8 @@ Times are medians of repetitions interleaved in a shuffled order (CUDA events on
 ratios are PyTorch / Triton (above 1: the kernel is faster) in the same run, and peak memory
 is the allocator's peak during the call above what was allocated before it (GPU only).
 
-    python benchmarks/kernels.py            # a CUDA GPU: the README's figures
-    python benchmarks/kernels.py --smoke    # tiny shapes in Triton's interpreter (CI, CPU)
+    python benchmarks/kernel_speed.py            # a CUDA GPU: the README's figures
+    python benchmarks/kernel_speed.py --smoke    # tiny shapes in Triton's interpreter (CI, CPU)
 """
 
 from __future__ import annotations
