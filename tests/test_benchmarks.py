@@ -49,8 +49,9 @@ def test_the_kernel_benchmark_times_every_kernel_and_the_whole_step(tmp_path):
     pytest.importorskip("triton")
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "kernels.csv"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_speed.py"), "--smoke",
-                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_speed.py"),
+                             "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     assert all(row["device"] and row["commit"] and row["date"] for row in rows)
