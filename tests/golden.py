@@ -30,8 +30,10 @@ amplification of 2**-53 is 2e-14, and ``TOLERANCE`` = 1e-10 of each fingerprint'
 another machine, still 10**2 below a change of every element of a tensor by one fp32
 rounding (6e-8 relative), the smallest change of arithmetic worth recording. A scenario
 that computes part of its step in float32 by design (moments stored in float32, bf16 or 8
-bits; Adafactor's float32 statistics; Flora's float32 Box-Muller basis, shared with its
-kernel; Q-GaLore's float32 group scales) moves by float32 rounding instead:
+bits; Adafactor's float32 statistics; Flora's and APOLLO's Gaussian basis, drawn in
+float32 by the counter-based Box-Muller shared with the kernel or by torch.randn, whose
+vectorised log and cos round by the CPU's code path and thread split; Q-GaLore's float32
+group scales) moves by float32 rounding instead:
 ``TOLERANCE_FP32`` = 1e-5 covers 2**-24 amplified 110x (6.6e-6), and still sees every
 element of a tensor moved by a few hundred fp32 roundings.
 """
@@ -124,8 +126,9 @@ def _probes(numel: int, count: int = PROBES) -> torch.Tensor:
 
 def precision(spec: dict, opt: torch.optim.Optimizer) -> str:
     """``"float32"`` where the scenario computes part of its step in float32 by design (a
-    state tensor of another dtype than float64, or Flora's basis), else ``"float64"``."""
-    if spec["projector"] == "flora":
+    state tensor of another dtype than float64, or Flora's and APOLLO's Gaussian basis,
+    drawn in float32 with either generator), else ``"float64"``."""
+    if spec["projector"] in ("flora", "apollo"):
         return "float32"
     for state in opt.state.values():
         for value in state.values():

@@ -75,7 +75,9 @@ def galore_adamw_reference(
     p = m = v = None
     for step, g in enumerate(grads):
         if step % gap == 0:
-            u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
+            # In float32 at least (galore-torch's), in float64 for a float64 test.
+            work = torch.promote_types(g.dtype, torch.float32)
+            u, _, vh = torch.linalg.svd(g.to(work), full_matrices=False)
             p = (vh[:rank] if side == "right" else u[:, :rank]).to(g.dtype)
         r = g @ p.T if side == "right" else p.T @ g
         if m is None:
