@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's on-disk cache does not key its generated C++ on ATEN_CPU_CAPABILITY: a graph
+# compiled with AVX-512 code and found again under ATEN_CPU_CAPABILITY=default is compiled
+# without the vector headers and fails ("'at::vec' has not been declared"). Each
+# capability gets its own cache, so that the suite runs under any of them on one machine.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"subspace_optim_inductor_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
