@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import interleaved_medians, results_path, write_csv  # noqa: E402
+from _results import interleaved_medians, progress, results_path, write_csv  # noqa: E402
 from step_floor import _floor  # noqa: E402
 
 import subspace_optim as so  # noqa: E402
@@ -193,7 +193,8 @@ def measure(block: str, shapes, rank: int, rounds: int, smoke: bool) -> list[dic
     steps: dict[str, Callable[[], None]] = {"two-GEMM floor": _floor(_params(shapes), rank)}
     held: dict[str, int | str] = {"two-GEMM floor": ""}
     skipped = {}
-    for name, make in {**_ours(shapes, rank, smoke), **_peers(rank)}.items():
+    makers = {**_ours(shapes, rank, smoke), **_peers(rank)}
+    for name, make in progress(makers.items(), f"{block}: first steps", "optimizer"):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -204,6 +205,7 @@ def measure(block: str, shapes, rank: int, rounds: int, smoke: bool) -> list[dic
             continue
         steps[name] = opt.step
         held[name] = state_bytes(opt.state)
+    print(f"{block}: timing {len(steps)} steps x {rounds} rounds", flush=True)
     medians = interleaved_medians(steps, rounds)
     adamw = medians.get("torch AdamW (foreach)")
     galore = medians.get("galore_torch GaLoreAdamW")
