@@ -197,7 +197,7 @@ class FiraAdamW(_ScaledAdamW):
         alpha = group["scale"]
         basis = it.basis
         # The moments (and so low and direction) are kept in float32 for a bf16 or fp16
-        # weight: back-project in that precision, as the reference does in its own fp32.
+        # weight: back-project in that precision, so the residual is formed in it too.
         if isinstance(basis, Tensor) and basis.is_floating_point() and basis.dtype != low.dtype:
             basis = basis.to(low.dtype)
         inside = projector.project_back(basis, low, it.side) * alpha
