@@ -88,3 +88,26 @@ def test_orthonormal_projections_are_idempotent_and_reproject_onto_themselves(pr
         _close(proj.reproject(basis, basis, low, side), low, scale)
 
     check()
+
+
+@pytest.mark.parametrize("projector,variant", CASES, ids=[f"{p}-{v}" for p, v in CASES])
+def test_project_back_computes_in_the_low_rank_operands_dtype(projector, variant):
+    """A basis refreshed from a bf16 gradient (the weight's dtype) brought back with float32
+    moments: the result is float32 and equals the back-projection of the same basis cast to
+    float32 up front (FiraAdamW with bf16 weights failed on a dtype mismatch)."""
+    record = PROJECTORS[projector]
+    proj = get_projector(projector)
+    group = {**proj.group_defaults, **record.group(variant), "rank": 3, "proj_type": "std",
+             "lr": 1e-3, "weight_decay": 0.0}
+    g = torch.randn(12, 20, generator=torch.Generator().manual_seed(0)).bfloat16()
+    side = resolve_side((12, 20), "std")
+    state = {}
+    proj.init_state(state, group, 1)
+    proj.refresh(state, group, g, side)
+    basis = proj.basis(state, group, g, side)
+    low = proj.project(basis, g, side).float()
+    back = proj.project_back(basis, low, side)
+    assert back.dtype == torch.float32 and back.shape == g.shape
+    if isinstance(basis, torch.Tensor):
+        up = basis.float()
+        _close(back, proj.project_back(up, low, side), float(back.abs().max()))

@@ -195,14 +195,10 @@ class FiraAdamW(_ScaledAdamW):
 
     def _update(self, it, group, projector, low, grad, direction):
         alpha = group["scale"]
-        basis = it.basis
-        # The moments (and so low and direction) are kept in float32 for a bf16 or fp16
-        # weight: back-project in that precision, so the residual is formed in it too.
-        if isinstance(basis, Tensor) and basis.is_floating_point() and basis.dtype != low.dtype:
-            basis = basis.to(low.dtype)
-        inside = projector.project_back(basis, low, it.side) * alpha
+        # project_back computes in the moments' precision (float32 for bf16 weights).
+        inside = projector.project_back(it.basis, low, it.side) * alpha
         residual = (grad - inside) * channel_factor(direction, low, it.side,
                                                     group["scale_type"])
         if group["norm_limiter"]:
             limit_growth_(residual, it.state)
-        return projector.project_back(basis, direction, it.side) * alpha + residual
+        return projector.project_back(it.basis, direction, it.side) * alpha + residual

@@ -192,6 +192,8 @@ class Projector:
         raise NotImplementedError
 
     def project_back(self, basis: Any, low: Tensor, side: Side) -> Tensor:
+        """``low`` back in the full matrix's shape, computed and returned in ``low``'s dtype
+        (a basis kept in the weight's bf16 is cast up to float32 moments, not the reverse)."""
         raise NotImplementedError
 
     def update_weight_(self, basis: Any, low: Tensor, side: Side, weight: Tensor,
@@ -219,14 +221,15 @@ class MatrixProjector(Projector):
         return grad @ basis.T if side == Side.RIGHT else basis.T @ grad
 
     def project_back(self, basis: Tensor, low: Tensor, side: Side) -> Tensor:
+        # In low's precision, as every projector's: moments may be kept at a higher one than
+        # the basis, which has the weight's (state_bits=32 with bf16 weights).
+        if basis.dtype != low.dtype:
+            basis = basis.to(low.dtype)
         return low @ basis if side == Side.RIGHT else basis @ low
 
     def reproject(self, old_basis: Tensor, new_basis: Tensor, moment: Tensor, side: Side) -> Tensor:
-        # Moments may be kept at a higher precision than the basis (state_bits=32 with bf16
-        # weights): carry them at theirs.
-        dtype = moment.dtype
-        back = self.project_back(old_basis.to(dtype), moment, side)
-        return self.project(new_basis.to(dtype), back, side)
+        back = self.project_back(old_basis, moment, side)  # at the moment's precision
+        return self.project(new_basis.to(moment.dtype), back, side)
 
     def update_weight_(self, basis: Tensor, low: Tensor, side: Side, weight: Tensor,
                        alpha: float, beta: float = 1.0) -> None:
